@@ -1,0 +1,9 @@
+"""Parallel embedding generation on Apache Airflow.
+
+Pure, typed steps (``corpus`` → ``chunking`` → ``batching`` → ``embedders`` → ``aggregate`` → ``store`` →
+``compare``) wired into the DAG ``parallel_embeddings`` (``pipeline/dags/parallel_embeddings.py``).
+Nothing here imports Airflow at module level except ``compat``, ``runner`` and the DAG file.
+"""
+
+__version__ = "0.1.0"
+DAG_ID = "parallel_embeddings"

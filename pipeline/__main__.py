@@ -1,0 +1,150 @@
+"""Command line: ``python -m pipeline run CORPUS_DIR [options]`` runs the DAG through Airflow and reports.
+
+Other commands: ``sample-corpus DIR`` writes the offline sample corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.corpus import CorpusError, resolve_root
+from pipeline.settings import Settings, SettingsError
+
+# CLI option -> setting name; every one of them is also a DAG param.
+OPTIONS = {
+    "models": "models",
+    "granularity": "granularity",
+    "batch_size": "batch_size",
+    "max_batch_tokens": "max_batch_tokens",
+    "chunk_tokens": "chunk_tokens",
+    "chunk_overlap": "chunk_overlap",
+    "fail_rate": "fail_rate",
+    "transient_rate": "transient_rate",
+    "fail_seed": "fail_seed",
+    "store": "store_uri",
+    "report": "report_path",
+    "work_dir": "work_dir",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="embed a corpus through the parallel_embeddings DAG")
+    run.add_argument("corpus_dir", help="folder of .txt / .md / .rst documents (searched recursively)")
+    run.add_argument("--sample", action="store_true", help="first write the offline sample corpus there if empty")
+    run.add_argument("--models", help="comma-separated embedders (default: hash-words-256,hash-chars-384)")
+    run.add_argument("--granularity", choices=["batch", "chunk"], help="one task per batch (default) or chunk")
+    run.add_argument("--batch-size", type=int, help="chunks per batch at most (default 32)")
+    run.add_argument("--max-batch-tokens", type=int, help="tokens per batch at most (default 8192)")
+    run.add_argument("--chunk-tokens", type=int, help="tokens per chunk at most (default 200)")
+    run.add_argument("--chunk-overlap", type=int, help="tokens repeated between chunks (default 20)")
+    run.add_argument("--fail-rate", type=float, help="inject permanent failures in this share of pairs")
+    run.add_argument("--transient-rate", type=float, help="inject transient failures in this share of pairs")
+    run.add_argument("--fail-seed", type=int, help="seed of the injected failures (default 0)")
+    run.add_argument("--store", help="LanceDB URI (default: WORK_DIR/store)")
+    run.add_argument("--report", help="report JSON path (default: WORK_DIR/reports/<run id>.json)")
+    run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
+    run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
+    run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
+
+    sample = commands.add_parser("sample-corpus", help="write the offline sample corpus (Python stdlib docs)")
+    sample.add_argument("directory")
+    sample.add_argument("--limit", type=int, default=300, help="number of documents (default 300)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    params: dict[str, Any] = {"corpus_dir": os.path.abspath(args.corpus_dir)}
+    for option, name in OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            params[name] = value
+    params["work_dir"] = os.path.abspath(params["work_dir"])
+    settings = Settings.from_params(params)
+    if not settings.report_path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        params["report_path"] = os.path.join(settings.work_dir, "reports", f"report-{stamp}.json")
+    else:
+        params["report_path"] = os.path.abspath(settings.report_path)
+    return Settings.from_params(params)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    if args.sample and not (Path(args.corpus_dir).is_dir() and any(Path(args.corpus_dir).iterdir())):
+        from pipeline.sample_corpus import write_sample_corpus
+
+        written = write_sample_corpus(args.corpus_dir)
+        print(f"wrote {len(written)} sample documents to {args.corpus_dir}", file=sys.stderr)
+    settings = settings_from_args(args)
+    resolve_root(settings.corpus_dir)  # a missing corpus is an error before Airflow even starts
+
+    from pipeline import runner
+
+    started = time.monotonic()
+    print(f"airflow home: {os.path.abspath(args.airflow_home)} (created and migrated on first use)", file=sys.stderr)
+    runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
+    report = runner.run_dag(settings.as_dict(), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(render_summary(report, time.monotonic() - started))
+    return 0
+
+
+def render_summary(report: dict[str, Any], seconds: float) -> str:
+    e, d, s = report["embeddings"], report["documents"], report["store"]
+    lines = [
+        f"DAG run {report['dag_run']['run_id']}: {report['dag_run']['state']} "
+        f"(Airflow {report['dag_run']['airflow_version']}, {seconds:.1f} s)",
+        f"documents: {d['found']} found, {d['embedded']} embedded, {len(d['rejected'])} rejected",
+        f"chunks: {report['chunks']} ({report['tokens']} tokens) x models {', '.join(report['models'])}",
+        f"mapped task instances: {report['mapped_task_instances']} ({report['granularity']}; "
+        f"{report['batches']['count']} inputs x {len(report['models'])} models)",
+        f"embeddings: {e['succeeded']}/{e['expected']} succeeded, {e['failed']} failed, {e['retried']} retried",
+        f"store: {s['vectors']} vectors at {s['uri']} ({s['inserted']} new, {s['updated']} rewritten)",
+    ]
+    for name, m in report["per_model"].items():
+        norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
+        lines.append(f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}")
+    for c in report["comparison"]:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(
+            f"  {c['models'][0]} vs {c['models'][1]}: kNN Jaccard@10 {fmt(c['knn_jaccard_at_10'])}, "
+            f"linear CKA {fmt(c['linear_cka'])} on {c['chunks']} chunks"
+        )
+    for r in d["rejected"][:10]:
+        lines.append(f"  rejected {r['path']}: {r['reason']}")
+    if len(d["rejected"]) > 10:
+        lines.append(f"  ... {len(d['rejected']) - 10} more rejected (see the report)")
+    lines.append(f"report: {report['report_path']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "sample-corpus":
+            from pipeline.sample_corpus import write_sample_corpus
+
+            print(f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}")
+            return 0
+        return command_run(args)
+    except (SettingsError, CorpusError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
+        from pipeline.runner import RunError
+
+        if isinstance(exc, RunError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The one place that knows Airflow 2 from Airflow 3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow import __version__ as AIRFLOW_VERSION
+from airflow.exceptions import AirflowFailException
+
+AIRFLOW_3 = int(AIRFLOW_VERSION.split(".")[0]) >= 3
+
+if AIRFLOW_3:
+    from airflow.sdk import ObjectStoragePath, Param, dag, get_current_context, task
+else:  # Airflow 2.10 / 2.11
+    from airflow.decorators import dag, task
+    from airflow.io.path import ObjectStoragePath
+    from airflow.models.param import Param
+    from airflow.operators.python import get_current_context
+
+__all__ = ["AIRFLOW_3", "AIRFLOW_VERSION", "AirflowFailException", "ObjectStoragePath", "Param", "dag", "get_current_context", "task",
+           "max_map_length"]  # fmt: skip
+
+
+def max_map_length() -> int:
+    """``[core] max_map_length``: Airflow refuses to map a list longer than this."""
+    from airflow.configuration import conf
+
+    return conf.getint("core", "max_map_length", fallback=1024)
+
+
+def set_map_label(label: str) -> None:
+    """Name the running mapped task instance in the UI (rendered through ``map_index_template``)."""
+    context: Any = get_current_context()
+    context["map_label"] = label

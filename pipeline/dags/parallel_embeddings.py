@@ -1,0 +1,147 @@
+"""
+### Parallel embeddings
+
+Embed a document corpus with dynamic task mapping: discover → chunk → plan batches →
+**embed[batch × model]** → aggregate → upsert → compare → report.
+
+* `granularity=batch` (default): one mapped task instance per batch × model, via `map_batches`.
+* `granularity=chunk`: one mapped task instance per chunk × model.
+
+Failed mapped task instances never sink the run: `aggregate` reconciles what came back against the plan,
+so every chunk × model pair ends exactly once as succeeded or failed, with its id. Vectors are staged in
+files, never in XCom; the store is LanceDB, upserted by stable chunk id.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pipeline.batching import map_batches
+from pipeline.compat import AirflowFailException, Param, dag, get_current_context, set_map_label, task
+from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
+from pipeline.settings import GRANULARITIES, Settings
+
+PARAMS = {
+    "corpus_dir": Param("corpus", type="string", minLength=1, description="Folder of .txt/.md/.rst documents"),
+    "models": Param(list(DEFAULT_MODELS), type="array", items={"type": "string", "enum": list(KNOWN_MODELS)},
+                    minItems=1, description="Embedders to run; each chunk is embedded by each"),
+    "granularity": Param("batch", enum=list(GRANULARITIES), description="One task per batch, or per chunk"),
+    "batch_size": Param(32, type="integer", minimum=1, description="Chunks per batch at most"),
+    "max_batch_tokens": Param(8192, type="integer", minimum=1, description="Tokens per batch (request) at most"),
+    "chunk_tokens": Param(200, type="integer", minimum=1, description="Tokens per chunk at most"),
+    "chunk_overlap": Param(20, type="integer", minimum=0, description="Tokens repeated between chunks"),
+    "fail_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected permanent failures"),
+    "transient_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected transient failures"),
+    "fail_seed": Param(0, type="integer", description="Seed of the injected failure set"),
+    "work_dir": Param("work", type="string", description="Staging, reports and default store location"),
+    "store_uri": Param("", type="string", description="LanceDB URI; empty: <work_dir>/store"),
+    "report_path": Param("", type="string", description="Report JSON path; empty: <work_dir>/reports/<run>.json"),
+}  # fmt: skip
+
+
+def _settings(raw: dict) -> Settings:
+    """Settings from params; a bad value fails the task at once (no retries) with the reason."""
+    from pipeline.settings import SettingsError
+
+    try:
+        return Settings.from_params(raw)
+    except SettingsError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def _run_dir(settings: Settings) -> str:
+    from pipeline.steps import run_dir
+
+    return run_dir(settings, get_current_context()["run_id"])
+
+
+@dag(
+    dag_id="parallel_embeddings",
+    schedule=None,
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    params=PARAMS,
+    tags=["embeddings", "dynamic-task-mapping", "example"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=2)},
+    max_active_runs=1,
+)
+def parallel_embeddings():
+    @task(multiple_outputs=True)
+    def resolve_settings(params: dict | None = None) -> dict:
+        """Validate params into settings (fails fast, before any work, naming the bad param)."""
+        return _settings({k: v for k, v in (params or {}).items() if k in PARAMS}).as_dict()
+
+    @task
+    def list_models(settings: dict) -> list[str]:
+        return settings["models"]
+
+    @task
+    def discover_documents(settings: dict) -> dict:
+        from pipeline import steps
+
+        return steps.discover_documents(_settings(settings))
+
+    @task
+    def chunk_documents(settings: dict, documents: dict) -> dict:
+        from pipeline import steps
+
+        s = _settings(settings)
+        return steps.chunk_documents(s, documents, _run_dir(s))
+
+    @task(map_index_template="{{ map_label }}")
+    def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
+        from pipeline import steps
+
+        set_map_label(f"batch {batch['index'] + 1}/{batch['of']} · {model}")
+        s = _settings(settings)
+        return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+
+    @task(trigger_rule="all_done")
+    def aggregate_results(chunk_set: dict, plan: list, models: list, results) -> dict:
+        """Runs even when some embed task instances failed: they are absent from ``results``."""
+        from pipeline import steps
+
+        return steps.aggregate_results(chunk_set, plan or [], models, results or [])
+
+    @task
+    def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
+        from pipeline import steps
+
+        return steps.upsert_vectors(_settings(settings), chunk_set, summary, models)
+
+    @task
+    def compare_models(settings: dict, summary: dict, models: list) -> list:
+        from pipeline import steps
+
+        return steps.compare_models(_settings(settings), summary, models)
+
+    @task
+    def write_report(settings, documents, chunk_set, plan, summary, stored, comparison) -> dict:
+        from pipeline import steps
+        from pipeline.compat import AIRFLOW_VERSION
+
+        run = {"run_id": get_current_context()["run_id"], "state": "running", "airflow_version": AIRFLOW_VERSION}
+        report = steps.write_report(
+            _settings(settings), run, documents, chunk_set, plan or [], summary, stored, comparison
+        )
+        return {k: report[k] for k in ("report_path", "chunks", "embeddings")}
+
+    settings = resolve_settings()
+    models = list_models(settings)
+    documents = discover_documents(settings)
+    chunk_set = chunk_documents(settings, documents)
+    plan, results = map_batches(
+        embed_batch.partial(settings=settings, chunk_set=chunk_set),
+        chunk_set,
+        batch_size=settings["effective_batch_size"],
+        max_tokens=settings["max_batch_tokens"],
+        model=models,
+    )
+    summary = aggregate_results(chunk_set, plan, models, results)
+    stored = upsert_vectors(settings, chunk_set, summary, models)
+    comparison = compare_models(settings, summary, models)
+    write_report(settings, documents, chunk_set, plan, summary, stored, comparison)
+
+
+parallel_embeddings()

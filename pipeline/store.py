@@ -1,0 +1,93 @@
+"""The vector store: LanceDB, embedded (no server), one table per model keyed by chunk id.
+
+Upserts are ``merge_insert`` on the stable chunk id, so re-running the same corpus adds no rows. The URI may
+be a local directory or object storage (``s3://bucket/path``, ``gs://…``) or LanceDB Cloud (``db://…``)
+without code changes. ``lancedb`` is imported inside the functions: DAG parsing must stay cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from pipeline.chunking import Chunk
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    inserted: int
+    updated: int
+
+
+def table_name(model: str) -> str:
+    return "emb_" + re.sub(r"[^0-9A-Za-z_]", "_", model)
+
+
+def connect(uri: str) -> Any:
+    import lancedb
+
+    return lancedb.connect(uri)
+
+
+def upsert(uri: str, model: str, chunks: Sequence[Chunk], vectors: np.ndarray, *, compact: bool = True) -> UpsertResult:
+    """Insert or update the vectors of ``chunks`` for ``model``; identical re-upserts leave the count unchanged."""
+    import pyarrow as pa
+
+    if len(chunks) != len(vectors):
+        raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+    if not len(chunks):
+        return UpsertResult(0, 0)
+    dim = int(vectors.shape[1])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("doc", pa.string()),
+            ("ordinal", pa.int32()),
+            ("text", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+    rows = pa.table(
+        {
+            "id": [c.id for c in chunks],
+            "doc": [c.doc for c in chunks],
+            "ordinal": pa.array([c.ordinal for c in chunks], pa.int32()),
+            "text": [c.text for c in chunks],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).ravel()), dim),
+        },
+        schema=schema,
+    )
+    table = connect(uri).create_table(table_name(model), schema=schema, exist_ok=True)
+    before = table.count_rows()
+    result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+    inserted = table.count_rows() - before
+    updated = getattr(result, "num_updated_rows", len(chunks) - inserted)
+    if compact:  # every update writes new fragments; compact and drop old versions so the store stays small
+        table.optimize(cleanup_older_than=timedelta(hours=1))  # keep recent versions for concurrent readers
+    return UpsertResult(inserted, int(updated))
+
+
+def count_vectors(uri: str, models: Sequence[str]) -> dict[str, int]:
+    """Vectors present per model (0 for a model that has no table yet)."""
+    db = connect(uri)
+    existing = set(_list_tables(db))
+    return {m: (db.open_table(table_name(m)).count_rows() if table_name(m) in existing else 0) for m in models}
+
+
+def read_ids(uri: str, model: str) -> list[str]:
+    db = connect(uri)
+    if table_name(model) not in set(_list_tables(db)):
+        return []
+    return db.open_table(table_name(model)).to_arrow().column("id").to_pylist()
+
+
+def _list_tables(db: Any) -> list[str]:
+    if hasattr(db, "list_tables"):
+        listed = db.list_tables()
+        return list(getattr(listed, "tables", listed))
+    return list(db.table_names())
