@@ -99,10 +99,15 @@ def parallel_embeddings():
 
     @task(trigger_rule="all_done")
     def aggregate_results(chunk_set: dict, plan: list, models: list, results) -> dict:
-        """Runs even when some embed task instances failed: they are absent from ``results``."""
+        """Runs even when some embed task instances failed: they are absent from ``results``.
+
+        An empty plan skips the mapped task; Airflow 2 then passes None, Airflow 3 an empty sequence.
+        Indexing up to ``len`` (not iterating) avoids 3.x probing one XCom past the end.
+        """
         from pipeline import steps
 
-        return steps.aggregate_results(chunk_set, plan or [], models, results or [])
+        received = [results[i] for i in range(len(results))] if results is not None else []
+        return steps.aggregate_results(chunk_set, plan or [], models, received)
 
     @task
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
