@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
     run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
 
+    bench = commands.add_parser("bench", help="benchmark orchestration overhead against the raw embedder")
+    bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
+    bench.add_argument("--json", help="also write the figures as JSON here")
+    bench.add_argument("--model", default="hash-words-256", help="embedder to measure (default hash-words-256)")
+    bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
+    bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")
+    bench.add_argument("--airflow-home", help="Airflow home (default: inside the work dir)")
+
     sample = commands.add_parser("sample-corpus", help="write the offline sample corpus (Python stdlib docs)")
     sample.add_argument("directory")
     sample.add_argument("--limit", type=int, default=300, help="number of documents (default 300)")
@@ -133,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}")
             return 0
+        if args.command == "bench":
+            from pipeline.bench import main as bench_main
+
+            return bench_main(args)
         return command_run(args)
     except (SettingsError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -86,9 +86,17 @@ def plan_within_map_length(
     if len(plan) <= budget:
         return plan
     if grow and budget >= 1:
-        plan = plan_batches(token_counts, batch_size=math.ceil(len(token_counts) / budget), max_tokens=max_tokens)
+        # The greedy plan's length never grows with the batch size: binary-search the smallest size that fits.
+        lo, hi = math.ceil(len(token_counts) / budget), len(token_counts)
+        plan = plan_batches(token_counts, batch_size=hi, max_tokens=max_tokens)
         if len(plan) <= budget:
-            return plan
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(plan_batches(token_counts, batch_size=mid, max_tokens=max_tokens)) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return plan_batches(token_counts, batch_size=hi, max_tokens=max_tokens)
     raise PlanError(
         f"{len(plan)} inputs x {fan_out} models = {len(plan) * fan_out} mapped task instances, above "
         f"[core] max_map_length={max_map_length}; "

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from airflow import __version__ as AIRFLOW_VERSION
-from airflow.exceptions import AirflowFailException
 
 AIRFLOW_3 = int(AIRFLOW_VERSION.split(".")[0]) >= 3
 
 if AIRFLOW_3:
     from airflow.sdk import ObjectStoragePath, Param, dag, get_current_context, task
+    from airflow.sdk.exceptions import AirflowFailException
 else:  # Airflow 2.10 / 2.11
     from airflow.decorators import dag, task
+    from airflow.exceptions import AirflowFailException
     from airflow.io.path import ObjectStoragePath
     from airflow.models.param import Param
     from airflow.operators.python import get_current_context
@@ -32,3 +33,12 @@ def set_map_label(label: str) -> None:
     """Name the running mapped task instance in the UI (rendered through ``map_index_template``)."""
     context: Any = get_current_context()
     context["map_label"] = label
+
+
+def get_connection(conn_id: str) -> Any:
+    """The Airflow Connection ``conn_id`` (secrets backends, env vars, metadata DB); its password is masked in logs."""
+    if AIRFLOW_3:
+        from airflow.sdk import BaseHook
+    else:
+        from airflow.hooks.base import BaseHook
+    return BaseHook.get_connection(conn_id)

@@ -88,8 +88,9 @@ def read_document(corpus_dir: str | os.PathLike[str], rel: str) -> str | Rejecte
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        offset = exc.start + len(data) - len(exc.object)  # utf-8-sig reports offsets after a BOM
         return Rejected(
-            rel, f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-encode it as UTF-8"
+            rel, f"not valid UTF-8 (byte 0x{data[offset]:02x} at offset {offset}); re-encode it as UTF-8"
         )
     if not text:
         return Rejected(rel, "empty file")

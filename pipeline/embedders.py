@@ -87,18 +87,30 @@ _FACTORIES: dict[str, Callable[[], Embedder]] = {
     "minilm": _minilm,
 }
 KNOWN_MODELS = tuple(_FACTORIES)
+# Prefix rules: ``openai:<model>[@<conn_id>]`` is any OpenAI-compatible endpoint (pipeline.openai_embedder).
+MODEL_PREFIXES = ("openai:",)
+_KNOWN = ", ".join([*KNOWN_MODELS, "openai:<model>"])
+
+
+def _is_known(name: str) -> bool:
+    return name in _FACTORIES or any(name.startswith(p) and name[len(p) :].split("@")[0] for p in MODEL_PREFIXES)
 
 
 def validate_models(names: Sequence[str]) -> list[str]:
     """The model list, de-duplicated in order, or an error naming the unknown ones and the known ones."""
-    unknown = [n for n in names if n not in _FACTORIES]
+    unknown = [n for n in names if not _is_known(n)]
     if unknown:
-        raise UnknownModelError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(KNOWN_MODELS)}")
+        raise UnknownModelError(f"unknown model(s) {', '.join(unknown)}; known: {_KNOWN}")
     if not names:
-        raise UnknownModelError(f"no model given; pass --models with some of: {', '.join(KNOWN_MODELS)}")
+        raise UnknownModelError(f"no model given; pass --models with some of: {_KNOWN}")
     return list(dict.fromkeys(names))
 
 
-def get_embedder(name: str) -> Embedder:
+def get_embedder(name: str, work_dir: str | None = None) -> Embedder:
+    """The embedder ``name``; ``work_dir`` holds shared state of real providers (the rate-limit buckets)."""
     validate_models([name])
+    if name.startswith("openai:"):
+        from pipeline.openai_embedder import embedder_from_connection
+
+        return embedder_from_connection(name, work_dir=work_dir)
     return _FACTORIES[name]()

@@ -59,8 +59,8 @@ def chunk_documents(settings: Settings, documents: Mapping[str, Any], directory:
 
 
 @functools.lru_cache(maxsize=8)
-def _embedder(model: str) -> Embedder:  # one load per worker process (MiniLM takes seconds)
-    return get_embedder(model)
+def _embedder(model: str, work_dir: str) -> Embedder:  # one load per worker process (MiniLM takes seconds)
+    return get_embedder(model, work_dir)
 
 
 def embed_batch(
@@ -75,7 +75,7 @@ def embed_batch(
         if c.tokens > cap
     ]
     sendable = [c for c in chunks if c.tokens <= cap]
-    embedder = _embedder(model)
+    embedder = _embedder(model, settings.work_dir)
     outcome = embed_resiliently(
         [c.id for c in sendable],
         [c.text for c in sendable],

@@ -83,8 +83,13 @@ def texts(*, kind: str = "any", max_size: int = 400) -> st.SearchStrategy[str]:
 
 def nonblank_texts(*, kind: str = "any") -> st.SearchStrategy[str]:
     """Texts holding at least one non-whitespace character (hence at least one token)."""
-    base = texts(kind=kind) if kind != "blank" else st.nothing()
-    return st.one_of(base.filter(lambda t: t.strip()), st.builds(lambda a, w: a + w, base, words()))
+    base = texts(kind=kind)
+    return st.one_of(base.filter(str.strip), st.builds(lambda a, w: f"{a} {w}", base, words()))
+
+
+def document_texts() -> st.SearchStrategy[str]:
+    """Texts a corpus file may hold and read back unchanged: non-blank, no NUL, no leading BOM."""
+    return nonblank_texts().map(lambda t: t.replace("\x00", "").lstrip("\ufeff")).filter(str.strip)
 
 
 # ------------------------------------------------------------------------------------- documents
@@ -101,18 +106,11 @@ def relpaths(*, extension: str = ".txt", max_depth: int = 2) -> st.SearchStrateg
     )
 
 
-def _no_file_dir_clash(paths: Sequence[str]) -> bool:
-    dirs = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
-    return not dirs & set(paths)
-
-
 def corpora(
     text: st.SearchStrategy[str] | None = None, *, min_size: int = 0, max_size: int = 6
 ) -> st.SearchStrategy[dict[str, str]]:
-    """A corpus as ``{relpath: text}``; paths never collide with directories."""
-    return st.dictionaries(
-        relpaths(), text if text is not None else nonblank_texts(), min_size=min_size, max_size=max_size
-    ).filter(lambda d: _no_file_dir_clash(list(d)))
+    """A corpus as ``{relpath: text}`` (file names have an extension, directories never do: no clashes)."""
+    return st.dictionaries(relpaths(), text if text is not None else document_texts(), min_size=min_size, max_size=max_size)
 
 
 # What a hostile corpus file may be, and the bytes of such a file. ``oversize`` is relative to a limit.
@@ -149,10 +147,6 @@ def bad_utf8() -> st.SearchStrategy[tuple[bytes, int]]:
 def hostile_corpora(draw: st.DrawFn, *, max_document_bytes: int, max_size: int = 8) -> dict[str, tuple[str, bytes]]:
     """``{relpath: (kind, bytes)}``: a corpus mixing good text files with every kind of bad file."""
     paths = draw(st.lists(relpaths(extension=""), min_size=1, max_size=max_size, unique=True))
-    assume_ok = _no_file_dir_clash(paths)
-    if not assume_ok:
-        paths = [p.replace("/", "_") for p in paths]
-        paths = list(dict.fromkeys(paths))
     out = {}
     for p in paths:
         kind = draw(st.sampled_from(FILE_KINDS))
@@ -321,10 +315,11 @@ def embed_result(
 
 @st.composite
 def synthetic_runs(
-    draw: st.DrawFn, *, max_chunks: int = 30, synthetic_models: bool = True, transient: bool = True
+    draw: st.DrawFn, *, min_chunks: int = 0, max_chunks: int = 30, synthetic_models: bool = True,
+    transient: bool = True,
 ) -> SyntheticRun:
     """A whole fan-out: chunk ids, a batch plan, models, a failure mask and one result per (batch, model)."""
-    ids = draw(chunk_ids(max_size=max_chunks))
+    ids = draw(chunk_ids(min_size=min_chunks, max_size=max_chunks))
     models = draw(model_lists(synthetic=synthetic_models))
     plan = plan_batches([1] * len(ids), batch_size=draw(batch_sizes(len(ids))))
     mask = draw(failure_masks(ids, models, transient=transient))

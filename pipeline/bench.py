@@ -1,0 +1,220 @@
+"""Benchmark: orchestration overhead against the physical limit (the embedder alone), per Airflow version.
+
+``python -m pipeline bench [--quick] [--json FILE]`` prints a table. Every DAG figure comes from real
+``dag.test()`` runs on the embedded Airflow home; ratios are computed within one invocation; each figure is
+the median of several repetitions. Nothing here is asserted: benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import aggregate, batching, corpus
+from pipeline.chunking import Chunk, chunk_text
+from pipeline.embedders import get_embedder
+
+
+def median_time(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def load_chunks(corpus_dir: str, chunk_tokens: int, overlap: int) -> list[Chunk]:
+    found = corpus.discover(corpus_dir)
+    chunks: list[Chunk] = []
+    for rel in found.documents:
+        text = corpus.read_document(corpus_dir, rel)
+        if isinstance(text, str):
+            chunks += chunk_text(rel, text, max_tokens=chunk_tokens, overlap=overlap)
+    return chunks
+
+
+def raw_rate(chunks: list[Chunk], model: str, batch_size: int, repeat: int) -> float:
+    """Chunks/s of the embedder alone, in a plain loop over the same batches the DAG sends."""
+    embedder = get_embedder(model)
+    embedder.embed([chunks[0].text])  # load / warm up outside the timing
+    texts = [c.text for c in chunks]
+
+    def loop() -> None:
+        for i in range(0, len(texts), batch_size):
+            embedder.embed(texts[i : i + batch_size])
+
+    return len(chunks) / median_time(loop, repeat)
+
+
+def xcom_bytes(run_id: str, task_id: str | None = None) -> int:
+    """Bytes of XCom values a run stored (optionally of one task), read from the metadata DB."""
+    from airflow.utils.session import create_session
+    from sqlalchemy import text
+
+    query = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+    args = {"dag": "parallel_embeddings", "run": run_id}
+    if task_id:
+        query += " AND task_id = :task"
+        args["task"] = task_id
+    with create_session() as session:
+        return int(session.execute(text(query), args).scalar())
+
+
+def parse_seconds(repeat: int = 3) -> float:
+    """DagBag fill time of the DAG file, beyond ``import airflow`` (fresh process each time, median)."""
+    code = (
+        "import time, airflow; from airflow.models import DagBag; t = time.perf_counter(); "
+        "DagBag(dag_folder=%r); print(time.perf_counter() - t)"
+    )
+    from pipeline.runner import DAGS_FOLDER
+
+    runs = [
+        float(subprocess.run([sys.executable, "-c", code % DAGS_FOLDER], capture_output=True, text=True,
+                             check=True, env=os.environ).stdout.split()[-1])  # fmt: skip
+        for _ in range(repeat)
+    ]
+    return statistics.median(runs)
+
+
+def dag_rate(conf: dict[str, Any], repeat: int) -> tuple[float, dict[str, Any]]:
+    """Median DAG wall time (dag.test) and the last report; chunks/s = chunks / wall."""
+    from pipeline.runner import run_dag
+
+    walls, report = [], {}
+    for i in range(repeat):
+        run_conf = conf | {"report_path": f"{conf['work_dir']}/report-{conf['granularity']}-{i}.json",
+                           "store_uri": f"{conf['work_dir']}/store-{conf['granularity']}-{i}"}  # fmt: skip
+        report = run_dag(run_conf)
+        walls.append(report["wall_seconds"])
+    return statistics.median(walls), report
+
+
+def scaling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict[str, Any]]:
+    """Planner and aggregator cost against the number of chunks (synthetic results, one model)."""
+    rows = []
+    for n in sizes:
+        tokens = [50 + (i * 37) % 150 for i in range(n)]
+        plan_s = median_time(lambda: batching.plan_within_map_length(
+            tokens, batch_size=32, max_tokens=8192, fan_out=1, max_map_length=1024), 3)  # fmt: skip
+        plan = batching.plan_within_map_length(tokens, batch_size=32, max_tokens=8192, fan_out=1, max_map_length=1024)
+        results = [
+            {"batch": b.index, "model": "m", "start": b.start, "stop": b.stop, "succeeded": b.size - 1,
+             "failures": [[f"c{b.start}", "rejected", "x"]], "retried": 0, "calls": 3, "dim": 8,
+             "norms": [b.size - 1, b.size - 1.0, b.size - 1.0, 1.0, 1.0], "vectors": f"v/{b.index}.npz"}
+            for b in plan
+        ]  # fmt: skip
+        plan_dicts = [b.as_dict() for b in plan]
+        agg_s = median_time(lambda: aggregate.reconcile(plan_dicts, ["m"], results, lambda s, e: []), 3)
+        rows.append({"chunks": n, "batches": len(plan), "plan_seconds": plan_s, "aggregate_seconds": agg_s})
+    return rows
+
+
+def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) -> dict[str, Any]:
+    from pipeline.compat import AIRFLOW_VERSION
+    from pipeline.sample_corpus import write_sample_corpus
+    from pipeline.settings import Settings
+
+    repeat = 2 if quick else 3
+    batch_size = 32
+    chunk_tokens = 100
+    if corpus_dir is None:
+        corpus_dir = str(work / "corpus")
+        write_sample_corpus(corpus_dir, limit=120 if quick else 300)
+    small_dir = str(work / "corpus-small")
+    docs = corpus.discover(corpus_dir).documents
+    for rel in docs[: 12 if quick else 40]:  # the per-chunk run: few enough mapped tasks to finish in minutes
+        target = Path(small_dir) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((Path(corpus_dir) / rel).read_bytes())
+
+    chunks = load_chunks(corpus_dir, chunk_tokens, 0)
+    small_chunks = load_chunks(small_dir, chunk_tokens, 0)
+    base = Settings(corpus_dir=corpus_dir, models=(model,), chunk_tokens=chunk_tokens, chunk_overlap=0,
+                    batch_size=batch_size, work_dir=str(work / "runs")).as_dict()  # fmt: skip
+    from pipeline.runner import run_dag
+
+    warm = base | {"corpus_dir": small_dir, "report_path": str(work / "warm.json"), "store_uri": str(work / "ws")}
+    run_dag(warm)  # first dag.test in a process builds Airflow's machinery (3.x: ~10 s); not part of any figure
+
+    raw = raw_rate(chunks, model, batch_size, repeat=3)
+    batched_wall, batched = dag_rate(base, repeat)
+    per_chunk_wall, per_chunk = dag_rate(base | {"corpus_dir": small_dir, "granularity": "chunk"}, repeat)
+    raw_small_seconds = len(small_chunks) / raw_rate(small_chunks, model, 1, repeat=3)
+    batched_rate = len(chunks) / batched_wall
+    per_chunk_rate = len(small_chunks) / per_chunk_wall
+    pairs = batched["embeddings"]["expected"]
+    result = {
+        "airflow_version": AIRFLOW_VERSION,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "embedder": model,
+        "quick": quick,
+        "repetitions": repeat,
+        "chunks": len(chunks),
+        "per_chunk_run_chunks": len(small_chunks),
+        "batch_size": batch_size,
+        "batches": batched["batches"]["count"],
+        "raw_chunks_per_s": raw,
+        "dag_batched_chunks_per_s": batched_rate,
+        "dag_per_chunk_chunks_per_s": per_chunk_rate,
+        "speedup_batched_vs_per_chunk": batched_rate / per_chunk_rate,
+        "e2e_vs_raw": batched_rate / raw,
+        "per_task_instance_overhead_s": (per_chunk_wall - raw_small_seconds) / per_chunk["mapped_task_instances"],
+        "batched_wall_s": batched_wall,
+        "per_chunk_wall_s": per_chunk_wall,
+        "parse_seconds": parse_seconds(),
+        "xcom_bytes_per_pair": xcom_bytes(batched["dag_run"]["run_id"]) / pairs,
+        "xcom_bytes_per_pair_embed_only": xcom_bytes(batched["dag_run"]["run_id"], "embed_batch") / pairs,
+        "xcom_bytes_per_pair_per_chunk_run": xcom_bytes(per_chunk["dag_run"]["run_id"])
+        / per_chunk["embeddings"]["expected"],
+        "scaling": scaling((1_000, 10_000) if quick else (1_000, 10_000, 100_000)),
+    }
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = [
+        ("Airflow", result["airflow_version"]),
+        ("embedder", result["embedder"]),
+        ("chunks (batched run / per-chunk run)", f"{result['chunks']} / {result['per_chunk_run_chunks']}"),
+        ("batch size / batches", f"{result['batch_size']} / {result['batches']}"),
+        ("raw embedder, chunks/s (the limit)", f"{result['raw_chunks_per_s']:.1f}"),
+        ("DAG batched, chunks/s", f"{result['dag_batched_chunks_per_s']:.1f}"),
+        ("DAG per-chunk, chunks/s", f"{result['dag_per_chunk_chunks_per_s']:.2f}"),
+        ("speedup batched vs per-chunk", f"{result['speedup_batched_vs_per_chunk']:.1f}x"),
+        ("end-to-end vs raw (batched)", f"{result['e2e_vs_raw']:.3f}"),
+        ("overhead per mapped task instance, s", f"{result['per_task_instance_overhead_s']:.3f}"),
+        ("DAG parse beyond import airflow, s", f"{result['parse_seconds']:.3f}"),
+        ("XCom bytes per chunk x model pair", f"{result['xcom_bytes_per_pair']:.0f}"),
+    ]
+    rows += [
+        (f"plan / aggregate {s['chunks']} chunks, s", f"{s['plan_seconds']:.3f} / {s['aggregate_seconds']:.3f}")
+        for s in result["scaling"]
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(args: Any) -> int:
+    from pipeline import runner
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
+    runner.use_airflow_home(args.airflow_home or work / "airflow")
+    result = run_bench(quick=args.quick, model=args.model, work=work, corpus_dir=args.corpus)
+    print(render(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,235 @@
+"""Aggregation: reconcile mapped results against the plan; every chunk × model pair ends exactly once."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pipeline import aggregate, staging, steps
+from pipeline.aggregate import AggregationError, Partial, combine, reconcile, summarize
+from pipeline.batching import plan_batches
+from pipeline.chunking import chunk_text
+from pipeline.faults import Fault
+from pipeline.settings import Settings
+from specs.strategies import SyntheticRun, document_texts, model_lists, synthetic_runs
+
+
+def failed_pairs(summary: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(f["chunk_id"], f["model"]) for f in summary["failures"]}
+
+
+def rounded(value: Any) -> Any:
+    """The summary with floats rounded: sums taken in another order may differ in the last bits."""
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def run_summary(run: SyntheticRun, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return reconcile(run.plan, run.models, results, run.ids_of)
+
+
+@given(synthetic_runs())
+def test_succeeded_plus_failed_equals_expected_for_any_failure_mask(run: SyntheticRun) -> None:
+    """Every planned chunk × model pair is counted once: succeeded + failed == chunks × models."""
+    summary = run_summary(run, run.results)
+    assert summary["expected"] == len(run.chunk_ids) * len(run.models)
+    assert summary["succeeded"] + summary["failed"] == summary["expected"]
+    for name, totals in summary["per_model"].items():
+        assert totals["succeeded"] + totals["failed"] == len(run.chunk_ids), name
+
+
+@given(synthetic_runs())
+def test_the_failed_set_is_exactly_the_masks_permanent_set(run: SyntheticRun) -> None:
+    """The failures listed are exactly the refused pairs, no more (transient ones recovered), no fewer."""
+    summary = run_summary(run, run.results)
+    assert failed_pairs(summary) == run.permanent
+    assert summary["failures_by_kind"] == ({"rejected": len(run.permanent)} if run.permanent else {})
+
+
+@given(synthetic_runs(), st.data())
+def test_results_missing_from_the_lazy_sequence_become_task_failed_failures(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
+    """A mapped task instance that left no result fails all its pairs as ``task_failed``, by chunk id."""
+    dropped = data.draw(st.sets(st.sampled_from(range(len(run.results))))) if run.results else set()
+    kept = [r for i, r in enumerate(run.results) if i not in dropped]
+    lost = set().union(*(run.pairs_of(run.results[i]) for i in dropped))
+    summary = run_summary(run, kept)
+    assert summary["succeeded"] + summary["failed"] == summary["expected"]
+    task_failed = {(f["chunk_id"], f["model"]) for f in summary["failures"] if f["kind"] == "task_failed"}
+    assert task_failed == lost
+    assert failed_pairs(summary) == lost | (run.permanent - lost)
+
+
+@given(synthetic_runs(), st.randoms(use_true_random=False))
+def test_aggregation_does_not_depend_on_the_order_of_results(run: SyntheticRun, rnd: Any) -> None:
+    """Results arrive in whatever order mapped task instances finish: the summary is the same."""
+    shuffled = list(run.results)
+    rnd.shuffle(shuffled)
+    assert rounded(run_summary(run, shuffled)) == rounded(run_summary(run, run.results))
+
+
+@given(synthetic_runs(), st.data())
+def test_merging_partial_aggregates_equals_aggregating_everything(run: SyntheticRun, data: st.DataObject) -> None:
+    """Partial.merge is a monoid: combining disjoint groups and merging them equals combining all results."""
+    groups = data.draw(st.lists(st.integers(0, 3), min_size=len(run.results), max_size=len(run.results)))
+    parts = [combine(r for r, g in zip(run.results, groups) if g == k) for k in range(4)]
+    merged = Partial()
+    for part in parts:
+        merged = merged.merge(part)
+    whole = combine(run.results)
+    assert rounded(summarize(merged, run.plan, run.models)) == rounded(summarize(whole, run.plan, run.models))
+    assert merged.keys == whole.keys
+
+
+@given(synthetic_runs())
+def test_norm_statistics_agree_with_the_vectors(run: SyntheticRun) -> None:
+    """Per model, count, mean, std, min and max of the L2 norms equal those of all vectors produced."""
+    summary = run_summary(run, run.results)
+    for model in run.models:
+        blocks = [v for (_, m), v in run.vectors.items() if m == model and len(v)]
+        stats = summary["per_model"][model]
+        if not blocks:
+            assert stats["mean_norm"] is None and stats["norm_min"] is None
+            continue
+        norms = np.linalg.norm(np.vstack(blocks), axis=1)
+        assert stats["succeeded"] == len(norms)
+        assert stats["mean_norm"] == pytest.approx(norms.mean())
+        assert stats["norm_std"] == pytest.approx(norms.std(), abs=1e-6)
+        assert stats["norm_min"] == pytest.approx(norms.min())
+        assert stats["norm_max"] == pytest.approx(norms.max())
+
+
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_a_duplicate_result_raises_aggregation_error(run: SyntheticRun, data: st.DataObject) -> None:
+    """Two results for the same (batch, model) are a bug, never silently double-counted."""
+    again = data.draw(st.sampled_from(run.results))
+    with pytest.raises(AggregationError, match="duplicate"):
+        run_summary(run, [*run.results, again])
+
+
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_an_inconsistent_result_raises_aggregation_error(run: SyntheticRun, data: st.DataObject) -> None:
+    """A result whose succeeded + failed differs from its batch size contradicts the plan."""
+    bad = dict(data.draw(st.sampled_from(run.results)))
+    bad["succeeded"] += 1
+    with pytest.raises(AggregationError, match="!="):
+        aggregate.Partial.of(bad)
+
+
+@given(synthetic_runs(min_chunks=1))
+def test_a_result_outside_the_plan_raises_aggregation_error(run: SyntheticRun) -> None:
+    """A result for a batch or model that was not planned means the plan and the results disagree."""
+    stray = dict(run.results[0], batch=len(run.plan))
+    with pytest.raises(AggregationError, match="outside the plan"):
+        run_summary(run, [*run.results, stray])
+
+
+# ------------------------------------------------------------------------------ real embed_batch
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(document_texts(), min_size=1, max_size=4),
+    model_lists(),
+    st.integers(1, 8),
+    st.floats(0.0, 0.4),
+    st.floats(0.0, 0.4),
+    st.integers(0, 1000),
+    st.data(),
+)
+def test_embed_batch_results_reconcile_to_the_fault_plans_permanent_set(
+    docs: list[str], models: list[str], batch_size: int, fail: float, transient: float, seed: int, data: st.DataObject
+) -> None:
+    """Through the real steps (staged chunks, embed_batch per batch × model, some dropped), the failed pairs are
+    the fault plan's permanent pairs, oversize chunks, and the pairs of dropped task instances."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Settings(corpus_dir=tmp, work_dir=tmp, models=tuple(models), fail_rate=fail, transient_rate=transient,
+                       fail_seed=seed, backoff_seconds=0.0, max_batch_tokens=30, chunk_tokens=40, chunk_overlap=5)  # fmt: skip
+        chunks = [c for i, d in enumerate(docs) for c in chunk_text(f"d{i}.txt", d, max_tokens=40, overlap=5)]
+        chunk_set = staging.write_chunk_set(f"{tmp}/chunks", chunks)
+        plan = [b.as_dict() for b in plan_batches([c.tokens for c in chunks], batch_size=batch_size, max_tokens=30)]
+        results = [steps.embed_batch(run, chunk_set, b, m, tmp) for b in plan for m in models]
+        dropped = data.draw(st.sets(st.sampled_from(range(len(results))), max_size=2)) if results else set()
+        summary = steps.aggregate_results(chunk_set, plan, models, [r for i, r in enumerate(results) if i not in dropped])
+    lost = {(c.id, r["model"]) for i, r in enumerate(results) if i in dropped for c in chunks[r["start"] : r["stop"]]}
+    oversize = {(c.id, m) for c in chunks for m in models if c.tokens > 30}
+    poison = {(c.id, m) for c in chunks for m in models if run.fault_plan.fault(c.id, m) is Fault.PERMANENT}
+    assert summary["succeeded"] + summary["failed"] == summary["expected"] == len(chunks) * len(models)
+    assert failed_pairs(summary) == lost | oversize | poison
+
+
+# ----------------------------------------------------------------------------- results one by one
+
+
+class ResultsArriveOneByOne(RuleBasedStateMachine):
+    """Mapped results arrive one at a time, in any order, some twice; the running aggregate stays consistent."""
+
+    @initialize(run=synthetic_runs(min_chunks=1, max_chunks=20))
+    def start(self, run: SyntheticRun) -> None:
+        self.run = run
+        self.waiting = list(range(len(run.results)))
+        self.arrived: list[int] = []
+        self.partial = Partial()
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        """Any waiting result may be the next to arrive."""
+        i = data.draw(st.sampled_from(self.waiting))
+        self.partial = self.partial.merge(Partial.of(self.run.results[i]))
+        self.waiting.remove(i)
+        self.arrived.append(i)
+
+    @precondition(lambda self: self.arrived)
+    @rule(data=st.data())
+    def deliver_again(self, data: st.DataObject) -> None:
+        """A result delivered twice is refused and leaves the aggregate unchanged."""
+        i = data.draw(st.sampled_from(self.arrived))
+        before = self.partial
+        with pytest.raises(AggregationError):
+            self.partial = self.partial.merge(Partial.of(self.run.results[i]))
+        assert self.partial is before
+
+    @invariant()
+    def seen_keys_are_the_arrived_results(self) -> None:
+        """The aggregate has seen exactly the (batch, model) keys that arrived."""
+        expected = {(self.run.results[i]["batch"], self.run.results[i]["model"]) for i in self.arrived}
+        assert self.partial.keys == expected
+
+    @invariant()
+    def counts_cover_the_arrived_batches_exactly(self) -> None:
+        """Succeeded + failed over all models equals the chunks of the arrived results."""
+        arrived = sum(self.run.results[i]["stop"] - self.run.results[i]["start"] for i in self.arrived)
+        assert sum(t.succeeded + t.failed for t in self.partial.models.values()) == arrived
+
+    @invariant()
+    def reconciling_now_accounts_for_every_pair(self) -> None:
+        """At any moment, reconciling gives one outcome per planned pair; the waiting ones are task_failed."""
+        summary = run_summary(self.run, [self.run.results[i] for i in self.arrived])
+        assert summary["succeeded"] + summary["failed"] == summary["expected"]
+        waiting_pairs = sum(self.run.results[i]["stop"] - self.run.results[i]["start"] for i in self.waiting)
+        assert summary["failures_by_kind"].get("task_failed", 0) == waiting_pairs
+
+    @invariant()
+    def norm_count_matches_succeeded(self) -> None:
+        """Norm statistics count exactly the succeeded vectors."""
+        for totals in self.partial.models.values():
+            assert totals.norms.count == totals.succeeded
+            assert totals.norms.count == 0 or math.isfinite(totals.norms.mean or math.nan)
+
+
+ResultsArriveOneByOne.TestCase.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+TestResultsArriveOneByOne = ResultsArriveOneByOne.TestCase

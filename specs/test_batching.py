@@ -1,0 +1,148 @@
+"""Batch planning: contiguous, order-keeping batches under a count and a token limit, within max_map_length."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pipeline.batching import Batch, PlanError, plan_batches, plan_within_map_length
+from specs.strategies import batch_sizes, token_caps, token_count_lists
+
+
+@st.composite
+def plans(draw: st.DrawFn, huge: bool | None = None) -> tuple[list[int], int, int | None]:
+    """Token counts, a batch size (1 … beyond their number) and an optional token cap."""
+    counts = draw(token_count_lists(huge=huge))
+    return counts, draw(batch_sizes(len(counts))), draw(token_caps())
+
+
+def assert_valid_plan(plan: list[Batch], counts: list[int], batch_size: int, max_tokens: int | None) -> None:
+    """Contiguous ranges covering every chunk once, in order, within both limits (oversize chunks alone)."""
+    assert [b.index for b in plan] == list(range(len(plan)))
+    assert [b.start for b in plan] == [0, *(b.stop for b in plan[:-1])][: len(plan)]
+    assert (plan[-1].stop if plan else 0) == len(counts)
+    for b in plan:
+        assert 1 <= b.size <= batch_size
+        assert b.tokens == sum(counts[b.start : b.stop])
+        if max_tokens is not None and b.tokens > max_tokens:
+            assert b.size == 1
+
+
+@given(plans())
+@example(([], 1, None)).via("no chunks")
+@example(([5, 10**5, 5], 2, 50)).via("one huge chunk between small ones")
+def test_every_chunk_is_planned_exactly_once_in_order_in_contiguous_ranges(
+    case: tuple[list[int], int, int | None],
+) -> None:
+    """Batches are consecutive [start, stop) ranges that tile the chunk list: nothing lost, repeated or reordered."""
+    counts, batch_size, max_tokens = case
+    plan = plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
+    assert [i for b in plan for i in range(b.start, b.stop)] == list(range(len(counts)))
+
+
+@given(plans())
+def test_no_batch_is_over_batch_size_or_over_max_tokens_except_a_lone_oversize_chunk(
+    case: tuple[list[int], int, int | None],
+) -> None:
+    """A batch holds at most batch_size chunks and max_tokens tokens; a chunk above the cap gets a batch alone."""
+    counts, batch_size, max_tokens = case
+    assert_valid_plan(plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens), counts, batch_size, max_tokens)
+
+
+@given(plans(huge=True))
+def test_an_oversize_chunk_never_shares_a_batch(case: tuple[list[int], int, int | None]) -> None:
+    """Each chunk above max_tokens is alone in its batch, so it cannot sink its neighbours."""
+    counts, batch_size, _ = case
+    max_tokens = 1000
+    for b in plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens):
+        if any(c > max_tokens for c in counts[b.start : b.stop]):
+            assert b.size == 1
+
+
+@given(token_count_lists(), st.data())
+def test_with_only_the_count_limit_only_the_last_batch_is_partial(counts: list[int], data: st.DataObject) -> None:
+    """Without a token cap there are ceil(n / batch_size) batches, all full except perhaps the last."""
+    batch_size = data.draw(batch_sizes(len(counts)))
+    plan = plan_batches(counts, batch_size=batch_size)
+    assert len(plan) == math.ceil(len(counts) / batch_size)
+    assert all(b.size == batch_size for b in plan[:-1])
+
+
+@given(plans())
+def test_the_greedy_plan_closes_a_batch_only_when_the_next_chunk_would_break_a_limit(
+    case: tuple[list[int], int, int | None],
+) -> None:
+    """Merging any batch with the first chunk of the next one would exceed batch_size or max_tokens."""
+    counts, batch_size, max_tokens = case
+    plan = plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
+    for b, nxt in zip(plan, plan[1:]):
+        too_many = b.size + 1 > batch_size
+        too_heavy = max_tokens is not None and b.tokens + counts[nxt.start] > max_tokens
+        assert too_many or too_heavy
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_batch_size_below_one_raises_plan_error_naming_the_setting(batch_size: int) -> None:
+    """batch_size < 1 is a PlanError that says which option to change."""
+    with pytest.raises(PlanError, match="batch_size"):
+        plan_batches([1, 2, 3], batch_size=batch_size)
+
+
+def test_max_tokens_below_one_raises_plan_error_naming_the_setting() -> None:
+    """A token cap below 1 is a PlanError naming max_tokens."""
+    with pytest.raises(PlanError, match="max_tokens"):
+        plan_batches([1], batch_size=1, max_tokens=0)
+
+
+def smallest_fitting_batch_size(counts: list[int], max_tokens: int | None, budget: int) -> int | None:
+    """The smallest batch size whose plan has at most ``budget`` batches, by exhaustive search."""
+    for size in range(1, len(counts) + 1):
+        if len(plan_batches(counts, batch_size=size, max_tokens=max_tokens)) <= budget:
+            return size
+    return None
+
+
+@st.composite
+def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, int, bool]:
+    counts = draw(token_count_lists(max_size=40, max_count=20))
+    return (
+        counts,
+        draw(batch_sizes(len(counts))),
+        draw(token_caps(max_cap=60)),
+        draw(st.integers(1, 4)),  # fan_out: models per batch
+        draw(st.integers(1, 30)),  # max_map_length
+        draw(st.booleans()),  # grow
+    )
+
+
+@given(map_length_cases())
+@example(([1, 1, 1, 10], 1, 10, 1, 2, True)).via("size ceil(n/budget) is too small but a larger size fits")
+def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
+    case: tuple[list[int], int, int | None, int, int, bool],
+) -> None:
+    """The plan never exceeds max_map_length // fan_out batches: it is kept if it fits, else the batch size grows
+    to the smallest size that fits (when allowed), else a PlanError names max_map_length."""
+    counts, batch_size, max_tokens, fan_out, max_map_length, grow = case
+    budget = max_map_length // fan_out
+    original = plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
+    smallest = smallest_fitting_batch_size(counts, max_tokens, budget) if counts else 1
+    kwargs = dict(batch_size=batch_size, max_tokens=max_tokens, fan_out=fan_out, max_map_length=max_map_length)
+    if len(original) <= budget:
+        assert plan_within_map_length(counts, **kwargs, grow=grow) == original
+    elif grow and smallest is not None:
+        plan = plan_within_map_length(counts, **kwargs, grow=grow)
+        assert len(plan) <= budget
+        assert_valid_plan(plan, counts, max(smallest, batch_size), max_tokens)
+        assert max(b.size for b in plan) <= smallest
+    else:
+        with pytest.raises(PlanError, match="max_map_length"):
+            plan_within_map_length(counts, **kwargs, grow=grow)
+
+
+def test_no_models_is_a_plan_error_asking_for_models() -> None:
+    """fan_out 0 (no model) cannot be planned: the error says to pass --models."""
+    with pytest.raises(PlanError, match="--models"):
+        plan_within_map_length([1], batch_size=1, max_tokens=None, fan_out=0, max_map_length=10)

@@ -1,0 +1,226 @@
+"""Corpus discovery and reading: hostile files are rejected with a clear reason, nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pipeline import steps
+from pipeline.corpus import CorpusError, Rejected, discover, read_document, resolve_root, safe_join
+from pipeline.settings import Settings
+from specs.strategies import bad_utf8, corpora, hostile_corpora, segment
+
+LIMIT = 256  # max_document_bytes for the hostile corpora
+
+# Which reason each kind of bad file gets (a fragment of it).
+REASONS = {
+    "empty": "empty file",
+    "whitespace": "whitespace only",
+    "binary": "binary file",
+    "bad_utf8": "not valid UTF-8",
+    "oversize": f"max_document_bytes={LIMIT}",
+}
+
+_opened: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@contextmanager
+def recording_opens() -> Iterator[list[str]]:
+    """Every path opened (``open``/``os.open`` audit events) inside the block."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+def write_corpus(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(hostile_corpora(max_document_bytes=LIMIT))
+def test_every_candidate_file_is_either_embedded_or_rejected_with_its_reason(
+    files: dict[str, tuple[str, bytes]],
+) -> None:
+    """found == embedded + rejected, and each bad file is rejected for what is wrong with it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp, "corpus")
+        write_corpus(corpus, {rel: data for rel, (_, data) in files.items()})
+        run = Settings(corpus_dir=str(corpus), max_document_bytes=LIMIT, work_dir=tmp)
+        found = steps.discover_documents(run)
+        chunked = steps.chunk_documents(run, found, f"{tmp}/run")
+    candidates = {rel for rel, (kind, _) in files.items() if kind != "other_extension"}
+    rejected = {r["path"]: r["reason"] for r in found["rejected"] + chunked["rejected"]}
+    assert len(found["documents"]) + len(found["rejected"]) == len(candidates)
+    assert chunked["documents_embedded"] + len(rejected) == len(candidates)
+    for rel in candidates:
+        kind = files[rel][0]
+        if kind == "text":
+            assert rel not in rejected
+        else:
+            assert REASONS[kind] in rejected[rel]
+
+
+@given(bad_utf8())
+@example((b"\xef\xbb\xbfab\xff", 5)).via("offset counts the BOM")
+def test_invalid_utf8_is_rejected_naming_the_byte_and_its_offset(case: tuple[bytes, int]) -> None:
+    """The reason names the first offending byte and its offset in the file, so it can be found with a hex editor."""
+    data, offset = case
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "bad.txt").write_bytes(data)
+        result = read_document(tmp, "bad.txt")
+    assert isinstance(result, Rejected)
+    assert f"byte 0x{data[offset]:02x} at offset {offset}" in result.reason
+
+
+@settings(max_examples=30, deadline=None)
+@given(corpora(min_size=1))
+def test_readable_text_documents_come_back_unchanged(files: dict[str, str]) -> None:
+    """Every good file is discovered (sorted, POSIX relpaths) and read back exactly."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_corpus(Path(tmp), {rel: text.encode() for rel, text in files.items()})
+        found = discover(tmp)
+        assert found.documents == sorted(files) and found.rejected == []
+        for rel, text in files.items():
+            assert read_document(tmp, rel) == text
+
+
+def test_a_utf8_bom_is_not_part_of_the_text(tmp_path: Path) -> None:
+    """A leading BOM is stripped: it would otherwise change the first chunk's text and id."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello")
+    assert read_document(tmp_path, "bom.txt") == "hello"
+
+
+def test_only_the_configured_extensions_are_candidates_case_insensitively(tmp_path: Path) -> None:
+    """Files with other extensions are not candidates at all; ``.TXT`` matches ``.txt``."""
+    write_corpus(tmp_path, {"a.TXT": b"x", "b.csv": b"x", "c.md": b"x", "d": b"x"})
+    assert discover(tmp_path, extensions=(".txt",)).documents == ["a.TXT"]
+
+
+def test_an_oversize_file_is_rejected_naming_the_setting_without_being_read(tmp_path: Path) -> None:
+    """A file above max_document_bytes is rejected from its size alone, and the reason names the setting."""
+    (tmp_path / "big.txt").write_bytes(b"x" * 101)
+    with recording_opens() as opened:
+        found = discover(tmp_path, max_document_bytes=100)
+    assert found.rejected == [Rejected("big.txt", found.rejected[0].reason)]
+    assert "101 bytes" in found.rejected[0].reason and "max_document_bytes=100" in found.rejected[0].reason
+    assert str(tmp_path / "big.txt") not in opened
+
+
+def test_a_symlink_leading_outside_the_root_is_rejected_and_never_opened(tmp_path: Path) -> None:
+    """A link to a file outside the corpus is rejected by discovery, which never opens the target."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text("top secret")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "link.txt").symlink_to(outside)
+    with recording_opens() as opened:
+        found = discover(corpus)
+    assert found.documents == []
+    assert found.rejected == [Rejected("link.txt", "symlink leads outside the corpus root (never read)")]
+    assert str(outside) not in opened
+
+
+def test_reading_through_an_escaping_symlink_is_refused(tmp_path: Path) -> None:
+    """read_document refuses a relpath whose real path leaves the root, even if discovery was bypassed."""
+    os.mkfifo(tmp_path / "pipe.txt")  # a reader would block forever: refusing must happen before any open
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "link.txt").symlink_to(tmp_path / "pipe.txt")
+    with recording_opens() as opened, pytest.raises(CorpusError, match="escapes the corpus root"):
+        read_document(corpus, "link.txt")
+    assert str(tmp_path / "pipe.txt") not in opened
+
+
+def test_a_symlink_inside_the_root_is_an_ordinary_document(tmp_path: Path) -> None:
+    """A link to another file of the corpus is read like that file."""
+    (tmp_path / "real.txt").write_text("hello")
+    (tmp_path / "alias.txt").symlink_to(tmp_path / "real.txt")
+    assert discover(tmp_path).documents == ["alias.txt", "real.txt"]
+    assert read_document(tmp_path, "alias.txt") == "hello"
+
+
+def test_a_broken_symlink_is_rejected(tmp_path: Path) -> None:
+    """A dangling link is rejected as ``broken symlink``, not an exception."""
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    assert discover(tmp_path).rejected == [Rejected("gone.txt", "broken symlink")]
+
+
+def test_a_fifo_is_rejected_as_not_a_regular_file_without_being_opened(tmp_path: Path) -> None:
+    """Special files (FIFOs) are rejected from their type: opening one would hang the task."""
+    os.mkfifo(tmp_path / "pipe.txt")
+    with recording_opens() as opened:
+        found = discover(tmp_path)
+    assert found.rejected == [Rejected("pipe.txt", "not a regular file")]
+    assert str(tmp_path / "pipe.txt") not in opened
+
+
+def test_a_symlinked_directory_is_reported_not_followed(tmp_path: Path) -> None:
+    """Directory links are listed as rejected (with what to do) instead of being walked or silently skipped."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("a")
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    found = discover(tmp_path)
+    assert found.documents == ["real/a.txt"]
+    assert [r.path for r in found.rejected] == ["alias"] and "not followed" in found.rejected[0].reason
+
+
+@given(st.lists(st.sampled_from(["..", ".", "a", "b"]) | segment, min_size=1, max_size=5).map("/".join))
+@example("../x.txt").via("parent directory")
+@example("a/../../x.txt").via("climbs out after going in")
+def test_safe_join_never_returns_a_path_outside_the_root(rel: str) -> None:
+    """safe_join returns a path inside the root, or raises CorpusError naming the relpath when it escapes."""
+    root = Path("/nonexistent/corpus")
+    lexical = os.path.normpath(os.path.join(root, rel))
+    if lexical != str(root) and not lexical.startswith(f"{root}/"):
+        with pytest.raises(CorpusError, match="escapes the corpus root"):
+            safe_join(root, rel)
+    else:
+        joined = safe_join(root, rel)
+        assert joined == root or root in joined.parents
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../etc/passwd", "a/../../etc/passwd"])
+def test_absolute_and_parent_relpaths_are_refused(tmp_path: Path, rel: str) -> None:
+    """Absolute paths and ``..`` that leave the root are refused, naming the offending path."""
+    with pytest.raises(CorpusError) as raised:
+        safe_join(tmp_path, rel)
+    assert repr(rel) in str(raised.value)
+
+
+def test_a_missing_corpus_is_a_corpus_error_naming_the_path(tmp_path: Path) -> None:
+    """A corpus directory that does not exist fails the run up front, naming the path."""
+    missing = tmp_path / "nope"
+    with pytest.raises(CorpusError, match="does not exist") as raised:
+        discover(missing)
+    assert str(missing) in str(raised.value)
+
+
+def test_a_file_given_as_corpus_is_a_corpus_error_naming_the_path(tmp_path: Path) -> None:
+    """A regular file passed as the corpus directory fails up front, naming the path."""
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    with pytest.raises(CorpusError, match="not a directory") as raised:
+        resolve_root(file)
+    assert str(file) in str(raised.value)
