@@ -7,3 +7,6 @@ Nothing here imports Airflow at module level except ``compat``, ``runner`` and t
 
 __version__ = "0.1.0"
 DAG_ID = "parallel_embeddings"
+# Airflow pool of the embed_batch task instances: its slots cap concurrent calls to the embedding API.
+EMBED_POOL = "embedding_api"
+EMBED_POOL_DEFAULT_SLOTS = 16

@@ -44,6 +44,8 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float | None:
     """Linear CKA in [0, 1]; None when either side has no variance (fewer than 2 distinct rows)."""
     if len(a) != len(b):
         raise ValueError(f"row counts differ: {len(a)} vs {len(b)}; compare the same chunks")
+    if len(a) < 2:  # no variance (and no "mean of empty slice" warning for 0 rows)
+        return None
     x = np.asarray(a, np.float64) - np.asarray(a, np.float64).mean(axis=0)
     y = np.asarray(b, np.float64) - np.asarray(b, np.float64).mean(axis=0)
     # Gram form: cheaper than feature form when rows < dims, and exact either way.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import DAG_ID
+from pipeline import DAG_ID, EMBED_POOL, EMBED_POOL_DEFAULT_SLOTS
 
 DAGS_FOLDER = str(Path(__file__).resolve().parent / "dags")
 EMBED_TASK = "embed_batch"
@@ -114,28 +114,56 @@ def task_instances(run_id: str, task_id: str | None = None) -> list[dict[str, An
 
 def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the DAG once with ``dag.test()`` and return the report, completed with facts from the metadata DB."""
-    from pipeline.compat import AIRFLOW_VERSION
-
+    ensure_pool()  # embed_batch names the pool; create it (if missing) so every executor can queue the task
     dag = load_dag()
     started = time.monotonic()
     with _progress(progress):
         dag_run = dag.test(run_conf=conf)
-    wall = time.monotonic() - started
     state = str(getattr(dag_run.state, "value", dag_run.state))
-    tis = task_instances(dag_run.run_id)
+    return finalize_report(conf, dag_run.run_id, state, time.monotonic() - started)
+
+
+def finalize_report(conf: dict[str, Any], run_id: str, state: str, wall: float, **extra: Any) -> dict[str, Any]:
+    """Complete the report the DAG wrote with facts from the metadata DB (shared by every executor)."""
+    from pipeline.compat import AIRFLOW_VERSION
+
+    tis = task_instances(run_id)
     failed = [t for t in tis if t["state"] in ("failed", "upstream_failed") and t["task_id"] != EMBED_TASK]
     report_path = Path(conf["report_path"])
     if state != "success" or not report_path.exists():
         reasons = ", ".join(f"{t['task_id']} {t['state']}" for t in failed) or "no report written"
-        raise RunError(f"DAG run {dag_run.run_id} ended {state}: {reasons}")
+        raise RunError(f"DAG run {run_id} ended {state}: {reasons}")
     report = json.loads(report_path.read_text())
     mapped = [t for t in tis if t["task_id"] == EMBED_TASK and t["map_index"] >= 0]
-    report["dag_run"] = {"run_id": dag_run.run_id, "state": state, "airflow_version": AIRFLOW_VERSION}
+    report["dag_run"] = {"run_id": run_id, "state": state, "airflow_version": AIRFLOW_VERSION}
     report["mapped_task_instances"] = len(mapped)
     report["mapped_task_states"] = _count(t["state"] for t in mapped)
     report["wall_seconds"] = round(wall, 3)
+    report.update(extra)
     report_path.write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def ensure_pool(slots: int | None = None) -> None:
+    """Create the pool ``embed_batch`` runs in; with ``slots``, also set its size (``--api-concurrency``).
+
+    Without ``slots`` an existing pool is left as it is (an operator may have sized it); a new one gets
+    ``EMBED_POOL_DEFAULT_SLOTS``.
+    """
+    from airflow.models import Pool
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        existing = session.scalar(select(Pool.slots).where(Pool.pool == EMBED_POOL))
+    if existing is not None and (slots is None or existing == slots):
+        return
+    Pool.create_or_update_pool(
+        EMBED_POOL,
+        slots=slots if slots is not None else EMBED_POOL_DEFAULT_SLOTS,
+        description="Concurrent embed_batch task instances (calls to the embedding API)",
+        include_deferred=False,
+    )
 
 
 def _count(values: Any) -> dict[str, int]:
@@ -143,6 +171,29 @@ def _count(values: Any) -> dict[str, int]:
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     return counts
+
+
+def progress_line(run_id: str | None = None) -> str:
+    """``embedding: done/total task instances done`` for ``run_id`` (default: the latest run); "" before mapping."""
+    from airflow.models import DagRun, TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        if run_id is None:
+            run_id = session.scalar(
+                select(DagRun.run_id).where(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).limit(1)
+            )
+        rows = session.execute(
+            select(TaskInstance.state, func.count())
+            .where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id,
+                   TaskInstance.task_id == EMBED_TASK, TaskInstance.map_index >= 0)
+            .group_by(TaskInstance.state)
+        ).all()  # fmt: skip
+    counts = {str(getattr(s, "value", s)): n for s, n in rows}
+    total = sum(counts.values())
+    done = sum(n for s, n in counts.items() if s in ("success", "failed", "skipped", "upstream_failed"))
+    return f"embedding: {done}/{total} task instances done" if total else ""
 
 
 @contextlib.contextmanager
@@ -154,27 +205,10 @@ def _progress(report: Callable[[str], None] | None, every: float = 2.0) -> Itera
     stop = threading.Event()
 
     def poll() -> None:
-        from airflow.models import DagRun, TaskInstance
-        from airflow.utils.session import create_session
-        from sqlalchemy import func, select
-
         last = ""
         while not stop.wait(every):
             with contextlib.suppress(Exception):  # SQLite may be busy for a moment: skip that tick
-                with create_session() as session:
-                    run_id = session.scalar(
-                        select(DagRun.run_id).where(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).limit(1)
-                    )
-                    rows = session.execute(
-                        select(TaskInstance.state, func.count())
-                        .where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id,
-                               TaskInstance.task_id == EMBED_TASK, TaskInstance.map_index >= 0)
-                        .group_by(TaskInstance.state)
-                    ).all()  # fmt: skip
-                counts = {str(getattr(s, "value", s)): n for s, n in rows}
-                total = sum(counts.values())
-                done = sum(n for s, n in counts.items() if s in ("success", "failed", "skipped", "upstream_failed"))
-                line = f"embedding: {done}/{total} task instances done" if total else ""
+                line = progress_line()
                 if line and line != last:
                     report(line)
                     last = line

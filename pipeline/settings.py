@@ -63,6 +63,10 @@ class Settings:
             raise SettingsError(str(exc)) from None
         if not self.store_uri:
             object.__setattr__(self, "store_uri", os.path.join(self.work_dir, "store"))
+        for name in ("corpus_dir", "work_dir", "store_uri", "report_path"):  # tasks may run in other cwds
+            value = getattr(self, name)
+            if value and "://" not in value:
+                object.__setattr__(self, name, os.path.abspath(value))
 
     @property
     def fault_plan(self) -> FaultPlan:

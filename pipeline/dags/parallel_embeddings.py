@@ -6,6 +6,7 @@ Embed a document corpus with dynamic task mapping: discover → chunk → plan b
 
 * `granularity=batch` (default): one mapped task instance per batch × model, via `map_batches`.
 * `granularity=chunk`: one mapped task instance per chunk × model.
+* `embed_batch` runs in the pool `embedding_api`: its slots cap concurrent calls to the embedding API.
 
 Failed mapped task instances never sink the run: `aggregate` reconciles what came back against the plan,
 so every chunk × model pair ends exactly once as succeeded or failed, with its id. Vectors are staged in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from pipeline import EMBED_POOL
 from pipeline.batching import map_batches
 from pipeline.compat import AirflowFailException, Param, dag, get_current_context, set_map_label, task
 from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
@@ -90,7 +92,7 @@ def parallel_embeddings():
         s = _settings(settings)
         return steps.chunk_documents(s, documents, _run_dir(s))
 
-    @task(map_index_template="{{ map_label }}")
+    @task(map_index_template="{{ map_label }}", pool=EMBED_POOL)
     def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
 
