@@ -124,9 +124,15 @@ def _jsonable_task_instances(run_id: str) -> list[dict[str, Any]]:
     return json.loads(json.dumps(runner.task_instances(run_id), default=str))
 
 
-def _run(base: Path, corpus: dict[str, str | bytes] | Path, options: dict[str, Any]) -> dict[str, Any]:
+Corpus = dict[str, str | bytes] | Path | Callable[[Path], None]
+
+
+def _run(base: Path, corpus: Corpus, options: dict[str, Any]) -> dict[str, Any]:
     from pipeline.settings import Settings
 
+    if callable(corpus):  # a builder: corpus(directory) lays the files out (symlinks, permissions, ...)
+        corpus(base / "corpus")
+        corpus = base / "corpus"
     corpus_dir = corpus if isinstance(corpus, Path) else write_corpus(base / "corpus", corpus)
     work_dir = base / "work"
     conf = {"corpus_dir": str(corpus_dir), "work_dir": str(work_dir), "report_path": str(base / "report.json")}
@@ -142,12 +148,13 @@ RunDag = Callable[..., dict[str, Any]]
 def run_dag(airflow_home: Path, tmp_path_factory: pytest.TempPathFactory) -> RunDag:
     """``run_dag(corpus, **settings) -> report``: one real ``dag.test()`` run in fresh work/store/report paths.
 
-    ``corpus`` is ``{relative path: text or bytes}`` (written to a temp dir) or an existing directory. The report
+    ``corpus`` is ``{relative path: text or bytes}`` (written to a temp dir), an existing directory, or a callable
+    that builds the corpus in the directory it is given. The report
     carries ``mapped_task_instances`` and ``task_instances`` (every task instance of the run, from the DB).
     """
     counter = itertools.count()
 
-    def run(corpus: dict[str, str | bytes] | Path, **options: Any) -> dict[str, Any]:
+    def run(corpus: Corpus, **options: Any) -> dict[str, Any]:
         return _run(tmp_path_factory.mktemp(f"run{next(counter)}"), corpus, options)
 
     return run
@@ -162,7 +169,7 @@ def shared_run(airflow_home: Path, pytestconfig: pytest.Config) -> RunDag:
     """
     shared: Path = pytestconfig._pe_session_dir / "shared-runs"  # type: ignore[attr-defined]
 
-    def run(key: str, corpus: dict[str, str | bytes] | Path, **options: Any) -> dict[str, Any]:
+    def run(key: str, corpus: Corpus, **options: Any) -> dict[str, Any]:
         base = shared / key
         cached = base / "shared-report.json"
         with file_lock(shared / f"{key}.lock"):

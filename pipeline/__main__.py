@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
     run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
+    run.add_argument("--executor", choices=["dag-test", "local"], default="dag-test",
+                     help="dag-test: dag.test() in this process (default); local: a real scheduler with "
+                          "LocalExecutor (Airflow 3)")
+    run.add_argument("--parallelism", type=int,
+                     help="--executor local: task instances running at once ([core] parallelism, default 4)")
+    run.add_argument("--api-concurrency", type=int,
+                     help="--executor local: embed task instances at once (slots of the embedding_api pool; "
+                          "default: --parallelism)")
+    run.add_argument("--timeout", type=float, default=1800,
+                     help="--executor local: give up on the run after this many seconds (default 1800)")
 
     bench = commands.add_parser("bench", help="benchmark orchestration overhead against the raw embedder")
     bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
@@ -62,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
     bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")
     bench.add_argument("--airflow-home", help="Airflow home (default: inside the work dir)")
+    bench.add_argument("--plot", help="write a PNG plot (chunks/s against batch size; needs the plot extra)")
+    bench.add_argument("--plot-from", nargs="+", metavar="JSON", help="only plot these bench JSON files")
 
     sample = commands.add_parser("sample-corpus", help="write the offline sample corpus (Python stdlib docs)")
     sample.add_argument("directory")
@@ -96,10 +108,27 @@ def command_run(args: argparse.Namespace) -> int:
 
     from pipeline import runner
 
+    local = args.executor == "local"
+    if not local:
+        for flag in ("parallelism", "api_concurrency"):
+            if getattr(args, flag) is not None:
+                raise SettingsError(f"--{flag.replace('_', '-')} needs --executor local (dag.test runs one task at a time)")
+    if local:
+        from pipeline import scheduler
+
+        scheduler.check_supported()  # before migrating anything: Airflow 2 is refused in one line
+        for flag, value in (("--parallelism", args.parallelism), ("--api-concurrency", args.api_concurrency)):
+            if value is not None and value < 1:
+                raise SettingsError(f"{flag}={value}: must be >= 1")
     started = time.monotonic()
     print(f"airflow home: {os.path.abspath(args.airflow_home)} (created and migrated on first use)", file=sys.stderr)
     runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
-    report = runner.run_dag(settings.as_dict(), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if local:
+        report = scheduler.run_scheduled(settings.as_dict(), parallelism=args.parallelism or 4,
+                                         api_concurrency=args.api_concurrency, timeout=args.timeout, progress=say)
+    else:
+        report = runner.run_dag(settings.as_dict(), progress=say)
     print(render_summary(report, time.monotonic() - started))
     return 0
 
@@ -116,6 +145,10 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
         f"embeddings: {e['succeeded']}/{e['expected']} succeeded, {e['failed']} failed, {e['retried']} retried",
         f"store: {s['vectors']} vectors at {s['uri']} ({s['inserted']} new, {s['updated']} rewritten)",
     ]
+    if "concurrency" in report:
+        c = report["concurrency"]
+        lines.append(f"concurrency: at most {c['max_overlapping_mapped_tis']} embed task instances at once "
+                     f"({c['executor']}, parallelism {c['parallelism']}, pool {c['pool']} {c['api_concurrency']} slots)")
     for name, m in report["per_model"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
         lines.append(f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}")
@@ -146,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return bench_main(args)
         return command_run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (Airflow processes stopped)", file=sys.stderr)
+        return 130
     except (SettingsError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -153,6 +153,11 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
     batched_rate = len(chunks) / batched_wall
     per_chunk_rate = len(small_chunks) / per_chunk_wall
     pairs = batched["embeddings"]["expected"]
+    sweep = [{"batch_size": 1, "granularity": "chunk", "chunks_per_s": per_chunk_rate}]
+    for size in (8, 32, 128) if quick else (4, 16, 32, 64, 256):
+        wall, report = (batched_wall, batched) if size == batch_size else dag_rate(base | {"batch_size": size}, 1)
+        sweep.append({"batch_size": size, "granularity": "batch", "chunks_per_s": len(chunks) / wall,
+                      "mapped_task_instances": report["mapped_task_instances"]})  # fmt: skip
     result = {
         "airflow_version": AIRFLOW_VERSION,
         "python": platform.python_version(),
@@ -178,6 +183,7 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
         "xcom_bytes_per_pair_embed_only": xcom_bytes(batched["dag_run"]["run_id"], "embed_batch") / pairs,
         "xcom_bytes_per_pair_per_chunk_run": xcom_bytes(per_chunk["dag_run"]["run_id"])
         / per_chunk["embeddings"]["expected"],
+        "sweep": sweep,
         "scaling": scaling((1_000, 10_000) if quick else (1_000, 10_000, 100_000)),
     }
     return result
@@ -207,6 +213,10 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(args: Any) -> int:
+    if args.plot_from:
+        plot([json.loads(Path(p).read_text()) for p in args.plot_from], args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     from pipeline import runner
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-")).resolve()
@@ -217,4 +227,30 @@ def main(args: Any) -> int:
     print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot([result], args.plot)
     return 0
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """chunks/s against batch size, one line per Airflow version (needs the ``plot`` extra: matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for result in sorted(results, key=lambda r: r["airflow_version"]):
+        points = sorted(result["sweep"], key=lambda p: p["batch_size"])
+        line = ax.plot([p["batch_size"] for p in points], [p["chunks_per_s"] for p in points], marker="o",
+                       label=f"Airflow {result['airflow_version']}")[0]  # fmt: skip
+        ax.axhline(result["raw_chunks_per_s"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("chunks per mapped task instance (1 = granularity chunk)")
+    ax.set_ylabel("chunks / s (dag.test, one model)")
+    ax.set_title(f"Batched vs per-chunk mapping, {results[0]['embedder']} (dotted: raw embedder)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -58,6 +58,9 @@ class Settings:
         need(bool(self.extensions), "extensions", "list at least one file extension, e.g. .txt")
         try:
             object.__setattr__(self, "models", tuple(validate_models(list(self.models))))
+        except ValueError as exc:
+            raise SettingsError(f"models={self.models!r}: {exc}") from None
+        try:
             self.fault_plan  # noqa: B018 - validates the rates
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
@@ -108,7 +111,7 @@ def _convert(name: str, value: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={value!r}: expected a {kind.__name__}")
     try:
         converted = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise SettingsError(f"{name}={value!r}: expected a {kind.__name__}") from None
     if kind is int and converted != float(value):
         raise SettingsError(f"{name}={value!r}: expected a whole number")
