@@ -36,7 +36,7 @@ def set_map_label(label: str) -> None:
 
 
 def get_connection(conn_id: str) -> Any:
-    """The Airflow Connection ``conn_id`` (secrets backends, env vars, metadata DB); its password is masked in logs."""
+    """The Airflow Connection ``conn_id`` (env vars, secrets backends, DB); its password is masked in logs."""
     if AIRFLOW_3:
         from airflow.sdk import BaseHook
     else:

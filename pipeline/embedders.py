@@ -31,6 +31,10 @@ class TransientEmbeddingError(RuntimeError):
         self.retry_after = retry_after
 
 
+class EmbeddingConfigError(RuntimeError):
+    """The provider refused the credentials, endpoint or model (401/403/404...): resending cannot help."""
+
+
 class InputRejectedError(ValueError):
     """The provider refused the request because of its inputs (HTTP 400); resending it cannot help."""
 
@@ -93,7 +97,9 @@ _KNOWN = ", ".join([*KNOWN_MODELS, "openai:<model>"])
 
 
 def _is_known(name: str) -> bool:
-    return name in _FACTORIES or any(name.startswith(p) and name[len(p) :].split("@")[0] for p in MODEL_PREFIXES)
+    return name in _FACTORIES or any(
+        name.startswith(p) and name[len(p) :].split("@")[0] for p in MODEL_PREFIXES
+    )
 
 
 def validate_models(names: Sequence[str]) -> list[str]:

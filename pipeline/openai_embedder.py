@@ -1,12 +1,13 @@
-"""Real-provider embedder: any OpenAI-compatible ``POST {base_url}/embeddings`` (OpenAI, Azure, vLLM, Ollama, TEI).
+"""Real-provider embedder: any OpenAI-compatible ``POST {base_url}/embeddings``.
 
-Model names ``openai:<model>`` resolve here (see :func:`pipeline.embedders.get_embedder`). Credentials and limits
-come from the Airflow Connection ``embedding_api`` (override per model with ``openai:<model>@<conn_id>``):
+Works with OpenAI, Azure-style base URLs, vLLM, Ollama and TEI. Model names ``openai:<model>`` resolve here
+(see :func:`pipeline.embedders.get_embedder`). Credentials and limits come from the Airflow Connection
+``embedding_api`` (override per model with ``openai:<model>@<conn_id>``):
 
 * base URL: extra ``base_url``, else ``host`` if it holds a scheme (``https://api.openai.com/v1``), else
   ``{schema or https}://{host}[:{port}]``;
-* API key: ``password`` (Airflow masks it in task logs; this module never logs headers, and keeps the key out of
-  ``repr``, exceptions, params and XCom). ``api_key_header`` = ``api-key`` for Azure key auth;
+* API key: ``password`` (Airflow masks it in task logs; this module never logs headers, and keeps the key
+  out of ``repr``, exceptions, params and XCom). ``api_key_header`` = ``api-key`` for Azure key auth;
 * extra JSON: ``model`` (default model for :meth:`OpenAIEmbeddingClient.from_connection`), ``dimensions``,
   ``max_inputs_per_request`` (2048), ``max_tokens_per_input`` (8192), ``max_tokens_per_request`` (300000),
   ``requests_per_minute``, ``tokens_per_minute``, ``timeout`` (60 s), ``token_safety_margin`` (0.25),
@@ -17,13 +18,13 @@ inputs and ``max_tokens_per_request`` tokens (order kept), and a batch holding a
 ``max_tokens_per_input`` raises :class:`InputRejectedError` without any HTTP call, so
 :func:`pipeline.resilience.embed_resiliently` bisects the poison out. Tokens are estimated offline with
 :func:`pipeline.chunking.count_tokens` and inflated by ``token_safety_margin`` (0.25 = +25 %) because real
-tokenizers count more pieces than the approximation; raise the margin if the provider still answers 400 for length.
+tokenizers count more pieces than the approximation; raise it if the provider still answers 400 for length.
 
-Rate limits (``requests_per_minute``, ``tokens_per_minute``) use pyrate-limiter's SQLite bucket in a file under
-``<work_dir>/ratelimit`` guarded by a file lock, so every process on *one machine* (mapped tasks under
+Rate limits (``requests_per_minute``, ``tokens_per_minute``) use pyrate-limiter's SQLite bucket in a file
+under ``<work_dir>/ratelimit`` guarded by a file lock, so every process on *one machine* (mapped tasks under
 LocalExecutor) draws from one budget and blocks until its request fits. Workers on several machines each get
-their own file: divide the limits by the number of machines, or rely on 429 handling. The budget is keyed by base
-URL + model, as providers meter per organisation and model.
+their own file: divide the limits by the number of machines, or rely on 429 handling. The budget is keyed by
+base URL + model, as providers meter per organisation and model.
 """
 
 from __future__ import annotations
@@ -44,15 +45,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from pipeline.chunking import count_tokens
-from pipeline.embedders import Embedder, InputRejectedError, TransientEmbeddingError
+from pipeline.embedders import Embedder, EmbeddingConfigError, InputRejectedError, TransientEmbeddingError
 
 DEFAULT_CONN_ID = "embedding_api"
 PREFIX = "openai:"
-_TOKEN_UNITS_PER_WINDOW = 10_000  # the SQLite bucket stores one row per unit: tokens are metered in coarse units
-
-
-class EmbeddingConfigError(RuntimeError):
-    """The provider refused the credentials, endpoint or model (401/403/404...): resending cannot help."""
+_TOKEN_UNITS_PER_WINDOW = (
+    10_000  # the SQLite bucket stores one row per unit: tokens are metered in coarse units
+)
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
 def parse_duration(value: str) -> float | None:
-    """Seconds in an ``x-ratelimit-reset-*`` value: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``, ``"0.5"``."""
+    """Seconds in an ``x-ratelimit-reset-*`` value: ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``, ``0.5``."""
     value = value.strip()
     try:
         return max(0.0, float(value))
@@ -110,7 +109,7 @@ def parse_duration(value: str) -> float | None:
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait, from ``retry-after-ms``, ``Retry-After`` (seconds or HTTP date), else
-    ``x-ratelimit-reset-requests``/``-tokens`` (the exhausted ones if ``x-ratelimit-remaining-*`` says which)."""
+    ``x-ratelimit-reset-requests``/``-tokens`` (the exhausted ones, if ``x-ratelimit-remaining-*`` says)."""
     h = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in h:
         try:
@@ -182,14 +181,14 @@ class RateBudget:
         self.max_request_tokens = limits.max_tokens_per_request
         self._limiters: list[tuple[Any, Callable[[int], int]]] = []
         if limits.requests_per_minute:
-            self._limiters.append((self._limiter(limits.requests_per_minute, window_ms, key, "requests", directory),
-                                   lambda tokens: 1))  # fmt: skip
+            requests = self._limiter(limits.requests_per_minute, window_ms, key, "requests", directory)
+            self._limiters.append((requests, lambda tokens: 1))
         if limits.tokens_per_minute:
             self.token_unit = max(1, math.ceil(limits.tokens_per_minute / _TOKEN_UNITS_PER_WINDOW))
             units = limits.tokens_per_minute // self.token_unit
             self.max_request_tokens = min(self.max_request_tokens, units * self.token_unit)
-            self._limiters.append((self._limiter(units, window_ms, key, "tokens", directory),
-                                   lambda tokens: math.ceil(tokens / self.token_unit)))  # fmt: skip
+            tokens_limiter = self._limiter(units, window_ms, key, "tokens", directory)
+            self._limiters.append((tokens_limiter, lambda tokens: math.ceil(tokens / self.token_unit)))
 
     @staticmethod
     def _limiter(limit: int, window_ms: int, key: str, kind: str, directory: str | None) -> Any:
@@ -199,15 +198,40 @@ class RateBudget:
         if directory is None:
             return Limiter(InMemoryBucket(rates))
         os.makedirs(directory, exist_ok=True)
-        # The window is part of the file name: a changed limit never inherits rows counted under another window.
+        # The window is in the file name: a changed window never inherits rows counted under another one.
         path = os.path.join(directory, f"{key}-{kind}-{window_ms}ms.sqlite")
-        return Limiter(SQLiteBucket.init_from_file(rates, table="rate_bucket", db_path=path, use_file_lock=True))
+        return Limiter(
+            SQLiteBucket.init_from_file(rates, table="rate_bucket", db_path=path, use_file_lock=True)
+        )
 
     def acquire(self, tokens: int) -> None:
-        """Block until one request carrying ``tokens`` fits in every budget."""
-        for limiter, weight in self._limiters:
-            if not limiter.try_acquire("embeddings", weight(tokens)):
-                raise RuntimeError(f"a request of {tokens} tokens can never fit the rate limits {self.limits}")
+        """Block until one request carrying ``tokens`` fits in every budget, then spend both permits at once.
+
+        Permits cannot be returned, and a permit taken before blocking on the other budget would be stamped
+        earlier than the send. So: block on one budget, try the other without blocking; if it refuses, the
+        first permit is left unused (budgets only err on the safe side) and the refusing budget blocks next.
+        """
+        pending = list(self._limiters)
+        while len(pending) > 1:
+            (first, w1), (second, w2) = pending[0], pending[1]
+            self._take(first, w1(tokens), tokens, blocking=True)
+            if self._take(second, w2(tokens), tokens, blocking=False):
+                return
+            pending = [pending[1], pending[0]]
+        if pending:
+            self._take(pending[0][0], pending[0][1](tokens), tokens, blocking=True)
+
+    def _take(self, limiter: Any, weight: int, tokens: int, *, blocking: bool) -> bool:
+        # "Without blocking" is a short timeout: pyrate-limiter 4.5 passes blocking=False to filelock 4 as a
+        # timeout, which filelock rejects; a permit granted within the timeout is stamped when granted.
+        try:
+            if limiter.try_acquire("embeddings", weight, blocking=True, timeout=-1 if blocking else 0.05):
+                return True
+        except TimeoutError:
+            return False
+        if blocking:  # only when the weight exceeds the whole budget, which plan_requests prevents
+            raise RuntimeError(f"a request of {tokens} tokens can never fit the rate limits {self.limits}")
+        return False
 
     def close(self) -> None:
         for limiter, _ in self._limiters:
@@ -228,7 +252,7 @@ class OpenAIEmbeddingClient:
         model: str,
         *,
         dimensions: int | None = None,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         conn_id: str | None = None,
         rate_limit_dir: str | None = None,
         api_key_header: str = "Authorization",
@@ -241,7 +265,7 @@ class OpenAIEmbeddingClient:
         self.model = model
         self.dimensions = dimensions  # sent as "dimensions" when set
         self.dim: int | None = dimensions  # known output dimension (else learned by probe_dimensions)
-        self.limits = limits
+        self.limits = limits = limits or Limits()
         self.conn_id = conn_id
         self._api_key = api_key
         self._api_key_header = api_key_header
@@ -261,7 +285,9 @@ class OpenAIEmbeddingClient:
     __str__ = __repr__
 
     def __reduce__(self) -> Any:
-        raise TypeError("OpenAIEmbeddingClient holds an API key and is not picklable; rebuild it from the connection")
+        raise TypeError(
+            "OpenAIEmbeddingClient holds an API key and is not picklable; rebuild it from the connection"
+        )
 
     @classmethod
     def from_connection(
@@ -274,7 +300,9 @@ class OpenAIEmbeddingClient:
         extra = conn.extra_dejson or {}
         model = model or extra.get("model")
         if not model:
-            raise EmbeddingConfigError(f"no model: use openai:<model> or set extra.model on connection '{conn_id}'")
+            raise EmbeddingConfigError(
+                f"no model: use openai:<model> or set extra.model on connection '{conn_id}'"
+            )
         host = (conn.host or "").strip()
         if extra.get("base_url"):
             base_url = str(extra["base_url"])
@@ -284,7 +312,9 @@ class OpenAIEmbeddingClient:
             scheme = conn.schema if conn.schema in ("http", "https") else "https"
             base_url = f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
         else:
-            raise EmbeddingConfigError(f"connection '{conn_id}' has no host (base URL, e.g. https://api.openai.com/v1)")
+            raise EmbeddingConfigError(
+                f"connection '{conn_id}' has no host (base URL, e.g. https://api.openai.com/v1)"
+            )
         try:
             limits = Limits.from_extra(extra)
         except (TypeError, ValueError) as exc:
@@ -310,8 +340,8 @@ class OpenAIEmbeddingClient:
         return math.ceil(count_tokens(text) * (1 + self.limits.token_safety_margin))
 
     def plan_requests(self, texts: Sequence[str]) -> list[tuple[int, int, int]]:
-        """``(start, stop, estimated tokens)`` of each request for ``texts``, or :class:`InputRejectedError` if an
-        input can never be sent (empty, or above the per-input cap)."""
+        """``(start, stop, estimated tokens)`` of each request for ``texts``, or :class:`InputRejectedError`
+        if an input can never be sent (empty, or above the per-input cap)."""
         cap_input = min(self.limits.max_tokens_per_input, self.budget.max_request_tokens)
         cap_request = self.budget.max_request_tokens
         plan: list[tuple[int, int, int]] = []
@@ -322,7 +352,8 @@ class OpenAIEmbeddingClient:
             t = self.estimate_tokens(text)
             if t > cap_input:
                 raise InputRejectedError(
-                    f"input {i} has ~{t} tokens (count_tokens x {1 + self.limits.token_safety_margin:g}), above "
+                    f"input {i} has ~{t} tokens (count_tokens x {1 + self.limits.token_safety_margin:g}), "
+                    "above "
                     f"max_tokens_per_input={cap_input}; lower chunk_tokens"
                 )
             if i > start and (i - start >= self.limits.max_inputs_per_request or tokens + t > cap_request):
@@ -336,10 +367,9 @@ class OpenAIEmbeddingClient:
     # -- requests
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), dim)`` float32 L2-normalised vectors, in input order, over as many requests as needed.
-
-        Requests that succeeded before a transient error are kept, so the retry of the same batch re-sends only
-        the rest.
+        """``(len(texts), dim)`` float32 L2-normalised vectors, in input order, over as many requests as
+        needed. Requests that succeeded before a transient error are kept, so the retry of the same batch
+        re-sends only the rest.
         """
         texts = list(texts)
         plan = self.plan_requests(texts)
@@ -363,7 +393,10 @@ class OpenAIEmbeddingClient:
                 bearer = self._api_key_header.lower() == "authorization"
                 headers[self._api_key_header] = f"Bearer {self._api_key}" if bearer else self._api_key
             self._http = httpx.Client(
-                timeout=self.limits.timeout, headers=headers, transport=self._transport, follow_redirects=False
+                timeout=self.limits.timeout,
+                headers=headers,
+                transport=self._transport,
+                follow_redirects=False,
             )
         return self._http
 
@@ -386,13 +419,15 @@ class OpenAIEmbeddingClient:
         status = response.status_code
         if status == 429 or status == 408 or status >= 500:
             raise TransientEmbeddingError(
-                f"HTTP {status} from {where}: {_provider_message(response)}", parse_retry_after(response.headers)
+                f"HTTP {status} from {where}: {_provider_message(response)}",
+                parse_retry_after(response.headers),
             )
         if status in (400, 413, 422):
             raise InputRejectedError(f"HTTP {status} from {where}: {_provider_message(response)}")
         if status >= 300:
             raise EmbeddingConfigError(
-                f"HTTP {status} from {where} for model {self.model!r}: {_provider_message(response)}; check the "
+                f"HTTP {status} from {where} for model {self.model!r}: {_provider_message(response)}; "
+                "check the "
                 f"base URL, API key and model of Airflow connection '{self.conn_id or DEFAULT_CONN_ID}'"
             )
         try:
@@ -400,7 +435,9 @@ class OpenAIEmbeddingClient:
             data = sorted(payload["data"], key=lambda d: d["index"])
             vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)
         except (ValueError, KeyError, TypeError) as exc:
-            raise TransientEmbeddingError(f"malformed response from {where}: {type(exc).__name__}: {exc}") from None
+            raise TransientEmbeddingError(
+                f"malformed response from {where}: {type(exc).__name__}: {exc}"
+            ) from None
         if [d["index"] for d in data] != list(range(len(texts))) or vectors.ndim != 2:
             raise RuntimeError(f"{where} returned {len(data)} embeddings for {len(texts)} inputs")
         if self.dim and vectors.shape[1] != self.dim:

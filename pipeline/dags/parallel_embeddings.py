@@ -15,6 +15,7 @@ files, never in XCom; the store is LanceDB, upserted by stable chunk id.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 from pipeline import EMBED_POOL
@@ -23,9 +24,11 @@ from pipeline.compat import AirflowFailException, Param, dag, get_current_contex
 from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
 from pipeline.settings import GRANULARITIES, Settings
 
+# Registry names, or any OpenAI-compatible endpoint as openai:<model>[@<conn_id>].
+MODEL_PATTERN = "^(" + "|".join(re.escape(m) for m in KNOWN_MODELS) + r"|openai:[^@]+(@.+)?)$"
 PARAMS = {
     "corpus_dir": Param("corpus", type="string", minLength=1, description="Folder of .txt/.md/.rst documents"),
-    "models": Param(list(DEFAULT_MODELS), type="array", items={"type": "string", "enum": list(KNOWN_MODELS)},
+    "models": Param(list(DEFAULT_MODELS), type="array", items={"type": "string", "pattern": MODEL_PATTERN},
                     minItems=1, description="Embedders to run; each chunk is embedded by each"),
     "granularity": Param("batch", type="string", enum=list(GRANULARITIES),
                          description="One task per batch, or per chunk"),
@@ -96,9 +99,14 @@ def parallel_embeddings():
     def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
 
+        from pipeline.embedders import EmbeddingConfigError
+
         set_map_label(f"batch {batch['index'] + 1}/{batch['of']} · {model}")
         s = _settings(settings)
-        return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+        try:
+            return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+        except EmbeddingConfigError as exc:  # bad credentials or endpoint: retrying cannot help
+            raise AirflowFailException(str(exc)) from None
 
     @task(trigger_rule="all_done")
     def aggregate_results(chunk_set: dict, plan: list, models: list, results) -> dict:
