@@ -112,7 +112,8 @@ def command_run(args: argparse.Namespace) -> int:
     if not local:
         for flag in ("parallelism", "api_concurrency"):
             if getattr(args, flag) is not None:
-                raise SettingsError(f"--{flag.replace('_', '-')} needs --executor local (dag.test runs one task at a time)")
+                option = "--" + flag.replace("_", "-")
+                raise SettingsError(f"{option} needs --executor local (dag.test runs one task at a time)")
     if local:
         from pipeline import scheduler
 
@@ -125,8 +126,10 @@ def command_run(args: argparse.Namespace) -> int:
     runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if local:
-        report = scheduler.run_scheduled(settings.as_dict(), parallelism=args.parallelism or 4,
-                                         api_concurrency=args.api_concurrency, timeout=args.timeout, progress=say)
+        report = scheduler.run_scheduled(
+            settings.as_dict(), parallelism=args.parallelism or 4, api_concurrency=args.api_concurrency,
+            timeout=args.timeout, progress=say,
+        )  # fmt: skip
     else:
         report = runner.run_dag(settings.as_dict(), progress=say)
     print(render_summary(report, time.monotonic() - started))
@@ -147,8 +150,10 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
     ]
     if "concurrency" in report:
         c = report["concurrency"]
-        lines.append(f"concurrency: at most {c['max_overlapping_mapped_tis']} embed task instances at once "
-                     f"({c['executor']}, parallelism {c['parallelism']}, pool {c['pool']} {c['api_concurrency']} slots)")
+        lines.append(
+            f"concurrency: at most {c['max_overlapping_mapped_tis']} embed task instances at once "
+            f"({c['executor']}, parallelism {c['parallelism']}, pool {c['pool']} {c['api_concurrency']} slots)"
+        )
     for name, m in report["per_model"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
         lines.append(f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}")

@@ -123,7 +123,9 @@ def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = No
     return finalize_report(conf, dag_run.run_id, state, time.monotonic() - started)
 
 
-def finalize_report(conf: dict[str, Any], run_id: str, state: str, wall: float, **extra: Any) -> dict[str, Any]:
+def finalize_report(
+    conf: dict[str, Any], run_id: str, state: str, wall: float, **extra: Any
+) -> dict[str, Any]:
     """Complete the report the DAG wrote with facts from the metadata DB (shared by every executor)."""
     from pipeline.compat import AIRFLOW_VERSION
 
@@ -174,7 +176,7 @@ def _count(values: Any) -> dict[str, int]:
 
 
 def progress_line(run_id: str | None = None) -> str:
-    """``embedding: done/total task instances done`` for ``run_id`` (default: the latest run); "" before mapping."""
+    """``embedding: done/total task instances done`` of ``run_id`` (default: latest run); "" until mapped."""
     from airflow.models import DagRun, TaskInstance
     from airflow.utils.session import create_session
     from sqlalchemy import func, select

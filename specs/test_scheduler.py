@@ -1,0 +1,126 @@
+"""Scheduler mode: the DAG under a real Airflow scheduler with LocalExecutor runs mapped task instances in
+parallel, capped by ``[core] parallelism`` and by the ``embedding_api`` pool, and reports what dag.test does.
+
+The scheduler run starts api-server, dag-processor and scheduler as children of this test process, on this
+process's Airflow home (conftest), and must leave none of them behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from pipeline import EMBED_POOL
+from pipeline.runner import DAGS_FOLDER, EMBED_TASK
+
+ROOT = Path(__file__).resolve().parent.parent
+AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
+needs_airflow_3 = pytest.mark.skipif(
+    not AIRFLOW_3, reason="Airflow 2's LocalExecutor needs PostgreSQL/MySQL; scheduler mode is Airflow 3 only"
+)
+
+PARALLELISM, API_CONCURRENCY = 4, 3
+# 10 documents of ~60 words, 16-token chunks (overlap 4), 4 chunks per batch, one model: 12+ mapped instances.
+OPTIONS = {"models": ("hash-words-256",), "chunk_tokens": 16, "chunk_overlap": 4, "batch_size": 4}
+WORDS = "embedding vector batch scheduler pool worker chunk token model store airflow mapped task".split()
+
+
+def small_corpus(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(10):
+        words = [WORDS[(d * 7 + i * 3) % len(WORDS)] for i in range(60)]
+        text = f"Document {d}. " + " ".join(words) + ".\n"
+        (directory / f"doc{d:02d}.txt").write_text(text, encoding="utf-8")
+    return directory
+
+
+def airflow_children() -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "airflow" in " ".join(p.cmdline()):
+                found.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    return found
+
+
+def t(seconds: float) -> datetime:
+    return datetime(2025, 1, 1) + timedelta(seconds=seconds)
+
+
+def test_max_overlap_counts_intervals_open_at_one_instant():
+    """Overlap is computed from start/end times; an end and a start at the same instant do not overlap."""
+    from pipeline.scheduler import max_overlap
+
+    assert max_overlap([]) == 0
+    assert max_overlap([(t(0), t(1)), (t(1), t(2)), (t(2), t(3))]) == 1
+    assert max_overlap([(t(0), t(10)), (t(1), t(2)), (t(1.5), t(3)), (t(2.5), t(4))]) == 3
+    assert max_overlap([(t(0), t(5))] * 4) == 4
+
+
+def test_embed_task_runs_in_the_embedding_api_pool(airflow_home):
+    """embed_batch names the pool whose slots --api-concurrency sets; the other tasks use the default pool."""
+    from airflow.models import DagBag
+
+    dag = DagBag(dag_folder=DAGS_FOLDER).get_dag("parallel_embeddings")
+    assert dag.get_task(EMBED_TASK).pool == EMBED_POOL
+    assert {t.pool for t in dag.tasks if t.task_id != EMBED_TASK} == {"default_pool"}
+
+
+@pytest.mark.skipif(AIRFLOW_3, reason="Airflow 3 runs scheduler mode; the refusal is Airflow 2's")
+def test_local_executor_is_refused_on_airflow_2_in_one_line(tmp_path):
+    """On Airflow 2 --executor local exits 1 with one line naming PostgreSQL, before making a home."""
+    corpus = small_corpus(tmp_path / "corpus")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(corpus), "--executor", "local",
+         "--airflow-home", str(tmp_path / "home"), "--work-dir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "PostgreSQL" in done.stderr
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.scheduler
+@needs_airflow_3
+def test_local_executor_runs_mapped_instances_in_parallel_within_the_pool(airflow_home, run_dag, tmp_path):
+    """parallelism 4, pool 3: embed task instances overlap (2 or 3 at once, never 4), and the run reports the
+    same chunks, mapped instances, embeddings and stored vectors as a dag.test run of the same corpus."""
+    from pipeline.scheduler import run_scheduled
+    from pipeline.settings import Settings
+
+    corpus = small_corpus(tmp_path / "corpus")
+    paths = {"work_dir": str(tmp_path / "work"), "report_path": str(tmp_path / "report.json")}
+    conf = Settings(corpus_dir=str(corpus), **paths, **OPTIONS).as_dict()
+    lines: list[str] = []
+    try:
+        report = run_scheduled(conf, parallelism=PARALLELISM, api_concurrency=API_CONCURRENCY, timeout=900,
+                               progress=lines.append)  # fmt: skip
+    finally:
+        leftovers = airflow_children()
+    assert not leftovers, f"Airflow processes left behind: {leftovers}"
+
+    assert report["dag_run"]["state"] == "success"
+    assert report["mapped_task_instances"] >= 8
+    assert report["mapped_task_states"] == {"success": report["mapped_task_instances"]}
+    c = report["concurrency"]
+    assert (c["parallelism"], c["api_concurrency"], c["pool"]) == (PARALLELISM, API_CONCURRENCY, EMBED_POOL)
+    assert 2 <= c["max_overlapping_mapped_tis"] <= API_CONCURRENCY, (c, lines)
+
+    reference = run_dag(corpus, **OPTIONS)
+    assert "concurrency" not in reference
+
+    def counts(r):
+        return (r["chunks"], r["mapped_task_instances"], r["store"]["vectors"],
+                {k: r["embeddings"][k] for k in ("expected", "succeeded", "failed")})  # fmt: skip
+
+    assert counts(report) == counts(reference)
+    assert report["embeddings"]["failed"] == 0
