@@ -232,4 +232,4 @@ class ResultsArriveOneByOne(RuleBasedStateMachine):
 
 
 ResultsArriveOneByOne.TestCase.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
-TestResultsArriveOneByOne = ResultsArriveOneByOne.TestCase
+TestResultsArrivingOneByOneInAnyOrderKeepTheAggregateConsistent = ResultsArriveOneByOne.TestCase
