@@ -1,0 +1,128 @@
+"""The offline embedders: deterministic, L2-normalised, the right dimension; bad names and inputs refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.embedders import (
+    DEFAULT_MODELS,
+    KNOWN_MODELS,
+    MODEL_PREFIXES,
+    InputRejectedError,
+    UnknownModelError,
+    get_embedder,
+    validate_models,
+)
+from specs.strategies import OFFLINE_MODELS, nonblank_texts
+
+DIMS = {"hash-words-256": 256, "hash-chars-384": 384}
+batches = st.lists(nonblank_texts(), min_size=1, max_size=8)
+offline = st.sampled_from(OFFLINE_MODELS)
+
+
+def test_the_defaults_are_the_offline_hashing_models() -> None:
+    """The default models need no network and no download."""
+    assert set(DEFAULT_MODELS) == set(OFFLINE_MODELS) == set(DIMS)
+
+
+@given(offline, batches)
+def test_rows_are_unit_length_with_the_models_dimension(model: str, texts: list[str]) -> None:
+    """Every row is an L2-normalised float32 vector of the model's dimension."""
+    vectors = get_embedder(model).embed(texts)
+    assert vectors.shape == (len(texts), DIMS[model]) and vectors.dtype == np.float32
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx(1.0, abs=1e-5)
+
+
+@given(offline, batches)
+def test_embedding_is_deterministic_and_independent_of_the_batch(model: str, texts: list[str]) -> None:
+    """The same text gets the same vector in every call, alone or in any batch."""
+    embedder = get_embedder(model)
+    together = embedder.embed(texts)
+    assert np.array_equal(together, get_embedder(model).embed(texts))
+    for text, row in zip(texts, together):
+        assert np.array_equal(embedder.embed([text])[0], row)
+
+
+def test_embedding_is_identical_in_another_process() -> None:
+    """Vectors do not depend on the process (no ``hash()`` seed): a fresh interpreter computes the same bytes."""
+    texts = ["Hello, world.", "Ünïcödé — 中文 text", "x" * 300]
+    code = (
+        "import json, sys; from pipeline.embedders import get_embedder;"
+        "print(json.dumps({m: get_embedder(m).embed(json.loads(sys.argv[1])).tobytes().hex() for m in sys.argv[2:]}))"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(texts), *OFFLINE_MODELS],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    there = json.loads(out.stdout)
+    for model in OFFLINE_MODELS:
+        assert there[model] == get_embedder(model).embed(texts).tobytes().hex()
+
+
+@given(offline, st.lists(nonblank_texts(), max_size=3), st.integers(0, 3))
+def test_an_empty_string_is_rejected_as_bad_input(model: str, texts: list[str], at: int) -> None:
+    """A request holding an empty string is refused as InputRejectedError (a permanent, per-input failure)."""
+    with pytest.raises(InputRejectedError, match="empty"):
+        get_embedder(model).embed(texts[:at] + [""] + texts[at:])
+
+
+@given(st.text(min_size=1).filter(lambda n: n not in KNOWN_MODELS and not n.startswith(MODEL_PREFIXES)))
+def test_unknown_model_names_are_rejected_with_the_known_ones(name: str) -> None:
+    """An unknown name is an UnknownModelError that names it and lists every known model."""
+    with pytest.raises(UnknownModelError) as raised:
+        get_embedder(name)
+    message = str(raised.value)
+    assert name in message and all(known in message for known in KNOWN_MODELS)
+
+
+def test_no_model_at_all_is_rejected_with_the_known_ones() -> None:
+    """An empty model list is refused, listing what could be passed."""
+    with pytest.raises(UnknownModelError, match="hash-words-256"):
+        validate_models([])
+
+
+@given(st.lists(offline, min_size=1, max_size=6))
+def test_model_lists_are_deduplicated_in_order(names: list[str]) -> None:
+    """Repeated model names are embedded once, in first-mention order."""
+    assert validate_models(names) == list(dict.fromkeys(names))
+
+
+def cosine(model: str, a: str, b: str) -> float:
+    va, vb = get_embedder(model).embed([a, b])
+    return float(va @ vb)
+
+
+def test_the_two_hashing_models_see_text_differently() -> None:
+    """Words vs characters: a typo keeps most character n-grams but changes the word, and word order
+    changes the word bigrams; so the two models disagree, which is what makes comparing them meaningful."""
+    assert cosine("hash-chars-384", "embedding", "embeding") > 0.5 > cosine("hash-words-256", "embedding", "embeding")
+    words = get_embedder("hash-words-256").embed(["green apple pie", "apple pie green"])
+    chars = get_embedder("hash-chars-384").embed(["green apple pie", "apple pie green"])
+    assert words.shape[1] != chars.shape[1]
+    assert not np.isclose(float(words[0] @ words[1]), float(chars[0] @ chars[1]))
+
+
+@given(offline, nonblank_texts(), st.text(" \t\n\u00a0", min_size=1, max_size=3))
+def test_the_amount_of_whitespace_between_tokens_does_not_change_the_vector(
+    model: str, text: str, gap: str
+) -> None:
+    """Both hashing models see tokens, not layout: re-spacing a text (any whitespace runs) keeps its vector."""
+    embedder = get_embedder(model)
+    assert np.array_equal(embedder.embed([text]), embedder.embed([gap.join(text.split())]))
+
+
+@given(offline, st.text(string.ascii_letters + string.digits + " .,", min_size=1).filter(str.strip))
+def test_ascii_case_does_not_change_the_vector(model: str, text: str) -> None:
+    """Both hashing models lowercase their features: "Apple" and "apple" embed the same."""
+    embedder = get_embedder(model)
+    assert np.array_equal(embedder.embed([text]), embedder.embed([text.swapcase()]))

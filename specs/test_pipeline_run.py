@@ -1,0 +1,247 @@
+"""End to end, for real: the DAG's report adds up, the store is idempotent, faults land where planned, the CLI.
+
+Runs are few and shared (see ``shared_run`` in conftest): a base run over a corpus with hostile files and
+injected permanent faults (batches of 4), and a re-run of the same corpus into the same store in batches of 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.chunking import chunk_text
+from pipeline.faults import Fault, FaultPlan
+from pipeline.runner import EMBED_TASK
+
+pytestmark = pytest.mark.airflow
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("hash-words-256", "hash-chars-384")
+CHUNKING = {"chunk_tokens": 16, "chunk_overlap": 4}
+FAULTS = {"fail_rate": 0.3, "fail_seed": 7}
+
+GOOD = {
+    "a.txt": "Airflow maps tasks at run time. Each batch becomes one task instance. "
+    "Failures are isolated per input, and the rest of the batch still succeeds. Retries handle rate limits.",
+    "guide/b.md": "# Vectors\n\nEmbeddings are stored by stable chunk id.\n\nRe-running the same corpus rewrites "
+    "the same rows instead of adding new ones.",
+    "guide/deep/c.rst": "Short document.",
+}
+HOSTILE_REASONS = {  # rejected path -> a phrase its reason must contain
+    "bad/binary.txt": "binary",
+    "bad/latin1.txt": "not valid UTF-8",
+    "bad/empty.txt": "empty file",
+    "bad/blank.md": "whitespace only",
+    "bad/outside.txt": "outside the corpus root",
+    "bad/broken.txt": "broken symlink",
+}
+
+
+def hostile_corpus(directory: Path) -> None:
+    """GOOD documents, one file per HOSTILE_REASONS entry, and a non-candidate (.pdf) that is ignored."""
+    for rel, text in GOOD.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_text(text, encoding="utf-8")
+    bad = directory / "bad"
+    bad.mkdir()
+    (bad / "binary.txt").write_bytes(b"text\x00with a NUL byte")
+    (bad / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "blank.md").write_text("  \n\t\n   ")
+    outside = directory.parent / "outside-secret.txt"
+    outside.write_text("never read: outside the corpus root")
+    (bad / "outside.txt").symlink_to(outside)
+    (bad / "broken.txt").symlink_to(directory / "no-such-file.txt")
+    (directory / "manual.pdf").write_bytes(b"%PDF-1.4 not a candidate")
+
+
+def expected_chunk_ids() -> list[str]:
+    """Chunk ids of the GOOD documents, computed directly (not through the DAG)."""
+    return [c.id for rel, text in GOOD.items() for c in chunk_text(rel, text, max_tokens=16, overlap=4)]
+
+
+def planned_permanent_failures() -> set[tuple[str, str]]:
+    plan = FaultPlan(FAULTS["fail_rate"], 0.0, FAULTS["fail_seed"])
+    return {(cid, m) for cid in expected_chunk_ids() for m in MODELS if plan.fault(cid, m) is Fault.PERMANENT}
+
+
+def failed_pairs(report: dict) -> set[tuple[str, str]]:
+    pairs = [(f["chunk_id"], f["model"]) for f in report["failures"]]
+    assert len(pairs) == len(set(pairs)), "a pair is listed as failed twice"
+    return set(pairs)
+
+
+@pytest.fixture(scope="module")
+def base(shared_run):
+    return shared_run("base", hostile_corpus, models=MODELS, batch_size=4, **CHUNKING, **FAULTS)
+
+
+@pytest.fixture(scope="module")
+def rerun(shared_run, base):
+    """The same corpus again, into the base run's store, in batches of 1."""
+    return shared_run(
+        "rerun", hostile_corpus, models=MODELS, batch_size=1, store_uri=base["store"]["uri"], **CHUNKING, **FAULTS
+    )
+
+
+def test_fault_plan_of_the_base_corpus_is_mixed():
+    """Precondition of the fault specs: the planned permanent set is neither empty nor every pair."""
+    planned = planned_permanent_failures()
+    assert 0 < len(planned) < len(expected_chunk_ids()) * len(MODELS)
+
+
+def test_documents_found_are_embedded_or_rejected(base):
+    """documents found = embedded + rejected; the .pdf is no candidate and is not counted."""
+    docs = base["documents"]
+    assert docs["found"] == docs["embedded"] + len(docs["rejected"])
+    assert docs["embedded"] == len(GOOD)
+    assert docs["found"] == len(GOOD) + len(HOSTILE_REASONS)
+
+
+def test_hostile_files_are_rejected_with_reasons(base):
+    """Binary, non-UTF-8, empty, blank, escaping and broken-symlink files are listed as rejected, with why."""
+    reasons = {r["path"]: r["reason"] for r in base["documents"]["rejected"]}
+    assert set(reasons) == set(HOSTILE_REASONS)
+    for path, phrase in HOSTILE_REASONS.items():
+        assert phrase in reasons[path], (path, reasons[path])
+
+
+def test_embedding_counts_add_up(base):
+    """succeeded + failed == expected == chunks × models, overall and per model."""
+    e, chunks = base["embeddings"], base["chunks"]
+    assert chunks == len(expected_chunk_ids())
+    assert e["expected"] == chunks * len(MODELS)
+    assert e["succeeded"] + e["failed"] == e["expected"]
+    assert e["failed"] == len(base["failures"]) > 0
+    assert sorted(base["per_model"]) == sorted(MODELS)
+    for name, m in base["per_model"].items():
+        assert m["succeeded"] + m["failed"] == chunks, name
+    assert sum(m["succeeded"] for m in base["per_model"].values()) == e["succeeded"]
+    assert sum(m["failed"] for m in base["per_model"].values()) == e["failed"]
+    assert sum(base["failures_by_kind"].values()) == e["failed"]
+
+
+def test_mapped_instances_match_the_plan(base):
+    """The run mapped batches × models task instances, all successful (faults are per input, not per task)."""
+    assert base["mapped_task_instances"] == base["batches"]["count"] * len(MODELS)
+    assert sum(base["batches"]["sizes"]) == base["chunks"]
+    assert base["mapped_task_states"] == {"success": base["mapped_task_instances"]}
+    assert base["dag_run"]["state"] == "success"
+
+
+def test_store_holds_one_vector_per_succeeded_pair(base):
+    """A fresh store ends with exactly the succeeded (chunk, model) pairs, all newly inserted."""
+    store = base["store"]
+    assert store["vectors"] == base["embeddings"]["succeeded"]
+    assert store["per_model"] == {m: base["per_model"][m]["succeeded"] for m in MODELS}
+    assert (store["inserted"], store["updated"]) == (base["embeddings"]["succeeded"], 0)
+
+
+def test_failures_are_exactly_the_planned_permanent_faults(base):
+    """With --fail-rate, the failures listed are exactly FaultPlan's permanent set, each of kind "rejected"."""
+    assert failed_pairs(base) == planned_permanent_failures()
+    assert {f["kind"] for f in base["failures"]} == {"rejected"}
+
+
+def test_failures_do_not_depend_on_batch_size(base, rerun):
+    """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
+    assert base["settings"]["batch_size"] == 4 and rerun["settings"]["batch_size"] == 1
+    assert rerun["batches"]["count"] == rerun["chunks"] == base["chunks"]
+    assert failed_pairs(rerun) == failed_pairs(base)
+
+
+def test_rerun_upserts_without_adding_vectors(base, rerun):
+    """Re-running the same corpus into the same store inserts nothing and leaves the vector count unchanged."""
+    assert rerun["store"]["uri"] == base["store"]["uri"]
+    assert rerun["store"]["inserted"] == 0
+    assert rerun["store"]["updated"] == rerun["embeddings"]["succeeded"] == base["embeddings"]["succeeded"]
+    assert rerun["store"]["vectors"] == base["store"]["vectors"]
+    assert rerun["store"]["per_model"] == base["store"]["per_model"]
+
+
+def test_transient_failures_are_recovered(run_dag):
+    """With --transient-rate, failed requests are retried until they succeed: retried > 0, none failed."""
+    corpus = {"t.txt": " ".join(f"token{i}." for i in range(40))}
+    report = run_dag(corpus, models=MODELS[:1], transient_rate=0.5, fail_seed=3, batch_size=4, **CHUNKING)
+    e = report["embeddings"]
+    assert report["dag_run"]["state"] == "success"
+    assert e["retried"] > 0
+    assert e["failed"] == 0 and report["failures"] == []
+    assert e["succeeded"] == e["expected"] == report["chunks"] > 0
+    assert e["calls"] > report["batches"]["count"]  # every retry is one more request
+    mapped = [t for t in report["task_instances"] if t["task_id"] == EMBED_TASK and t["map_index"] >= 0]
+    assert mapped and {t["state"] for t in mapped} == {"success"}
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_cli_missing_corpus_is_a_one_line_error(tmp_path):
+    """`run MISSING_DIR` exits non-zero with one "error:" line naming the directory, and no traceback."""
+    done = cli("run", str(tmp_path / "missing"), "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
+    assert_one_line_error(done, "missing", "does not exist")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "phrase"),
+    [("--batch-size", "0", "batch_size"), ("--models", "nope", "nope"), ("--fail-rate", "2", "fail_rate"),
+     ("--chunk-overlap", "500", "chunk_overlap")],
+)  # fmt: skip
+def test_cli_invalid_option_is_a_one_line_error(tmp_path, option, value, phrase):
+    """An out-of-range option exits non-zero with one "error:" line naming the setting, before Airflow starts."""
+    (tmp_path / "corpus").mkdir()
+    done = cli("run", "corpus", option, value, "--airflow-home", "home", cwd=tmp_path)
+    assert_one_line_error(done, phrase)
+    assert not (tmp_path / "home").exists()
+
+
+def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_template_db):
+    """A CLI run (its own Airflow home, copied from the template DB) prints the summary and writes the report."""
+    import json
+
+    from importlib.metadata import version
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(airflow_template_db, home / "airflow.db")
+    (home / ".migrated").write_text(version("apache-airflow"))  # the runner's marker: skip migrating
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "doc.txt").write_text("One small document. It makes a single chunk.")
+    report = tmp_path / "out" / "report.json"
+    done = cli(
+        "run", "corpus", "--models", "hash-words-256", "--airflow-home", str(home), "--work-dir", "work",
+        "--report", str(report), cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "success" in out and "documents: 1 found, 1 embedded, 0 rejected" in out
+    assert "embeddings: 1/1 succeeded, 0 failed" in out
+    assert f"report: {report}" in out
+    written = json.loads(report.read_text())
+    assert written["dag_run"]["state"] == "success"
+    assert written["mapped_task_instances"] == 1
+    assert written["store"]["vectors"] == 1
+    assert Path(written["store"]["uri"]).parent == tmp_path / "work"

@@ -1,0 +1,117 @@
+"""The vector store: idempotent upserts keyed by chunk id, checked against a real LanceDB in a temp dir."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pipeline import store
+from pipeline.chunking import Chunk, chunk_id
+
+
+MODELS = ("hash-words-256", "m/odd name")  # the second one needs table-name escaping
+DIM = 4
+POOL = [Chunk(chunk_id("doc.txt", i, f"text {i}"), "doc.txt", i, f"text {i}", 2) for i in range(12)]
+
+pair_subsets = st.lists(st.sampled_from(range(len(POOL))), min_size=1, max_size=6, unique=True)
+
+
+def vectors_for(indices: list[int], version: int) -> np.ndarray:
+    """Distinct, recognisable vectors per (chunk, version) so an update is visible."""
+    return np.asarray([[i, version, 1.0, -1.0] for i in indices], np.float32)
+
+
+class IdempotentUpserts(RuleBasedStateMachine):
+    """Runs upsert batches, re-upsert them, and partially re-run with failures: the store is always exactly the
+    union of the pairs that ever succeeded, without duplicates."""
+
+    @initialize()
+    def open_store(self) -> None:
+        self.uri = tempfile.mkdtemp(prefix="store-spec-")
+        self.stored: dict[str, set[str]] = {m: set() for m in MODELS}
+        self.last: list[tuple[str, list[int], int]] = []
+        self.version = 0
+
+    def upsert(self, model: str, indices: list[int]) -> store.UpsertResult:
+        self.version += 1
+        result = store.upsert(self.uri, model, [POOL[i] for i in indices], vectors_for(indices, self.version))
+        ids = {POOL[i].id for i in indices}
+        assert result.inserted == len(ids - self.stored[model])
+        assert result.updated == len(ids & self.stored[model])
+        self.stored[model] |= ids
+        self.last = [(model, indices, self.version)]
+        return result
+
+    @rule(model=st.sampled_from(MODELS), indices=pair_subsets)
+    def upsert_a_batch(self, model: str, indices: list[int]) -> None:
+        """Upsert the vectors of a batch of chunks for one model; new ids are inserted, known ones updated."""
+        self.upsert(model, indices)
+
+    @precondition(lambda self: self.last)
+    @rule()
+    def re_upsert_the_same_batch(self) -> None:
+        """Sending the last batch again inserts nothing: it only updates rows in place."""
+        model, indices, _ = self.last[0]
+        assert self.upsert(model, indices).inserted == 0
+
+    @rule(model=st.sampled_from(MODELS), indices=pair_subsets, failed=st.sets(st.integers(0, 5)))
+    def partial_rerun_with_some_failed_pairs(self, model: str, indices: list[int], failed: set[int]) -> None:
+        """A re-run where some pairs failed upserts only the succeeded ones; earlier rows stay."""
+        succeeded = [i for k, i in enumerate(indices) if k not in failed]
+        if succeeded:
+            self.upsert(model, succeeded)
+        else:
+            assert store.upsert(self.uri, model, [], np.zeros((0, DIM), np.float32)) == store.UpsertResult(0, 0)
+
+    @invariant()
+    def store_is_the_union_of_successful_pairs_without_duplicates(self) -> None:
+        """Per model, the ids in the table are exactly those ever upserted, each once."""
+        if not hasattr(self, "uri"):
+            return
+        for model in MODELS:
+            ids = store.read_ids(self.uri, model)
+            assert len(ids) == len(set(ids))
+            assert set(ids) == self.stored[model]
+        assert store.count_vectors(self.uri, MODELS) == {m: len(self.stored[m]) for m in MODELS}
+
+    def teardown(self) -> None:
+        if hasattr(self, "uri"):
+            shutil.rmtree(self.uri, ignore_errors=True)
+
+
+IdempotentUpserts.TestCase.settings = settings(max_examples=12, stateful_step_count=6, deadline=None)
+TestRepeatedAndPartialUpsertsKeepTheStoreEqualToTheSucceededPairs = IdempotentUpserts.TestCase
+
+
+def test_the_latest_upsert_wins(tmp_path) -> None:
+    """Re-upserting a chunk replaces its vector (same id, new embedding), never adds a second row."""
+    uri = str(tmp_path)
+    store.upsert(uri, "m", POOL[:2], vectors_for([0, 1], 1))
+    store.upsert(uri, "m", POOL[:1], vectors_for([0], 2))
+    rows = store.connect(uri).open_table(store.table_name("m")).to_arrow().to_pylist()
+    by_id = {r["id"]: r["vector"] for r in rows}
+    assert len(rows) == 2
+    assert by_id[POOL[0].id] == pytest.approx([0, 2, 1, -1]) and by_id[POOL[1].id] == pytest.approx([1, 1, 1, -1])
+
+
+def test_a_model_without_a_table_has_no_vectors(tmp_path) -> None:
+    """Counting or listing a model never written is 0 / empty, not an error."""
+    assert store.count_vectors(str(tmp_path), ["nothing"]) == {"nothing": 0}
+    assert store.read_ids(str(tmp_path), "nothing") == []
+
+
+def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
+    """Upserting n chunks with m != n vectors raises instead of misaligning ids and vectors."""
+    with pytest.raises(ValueError, match="2 chunks but 1 vectors"):
+        store.upsert(str(tmp_path), "m", POOL[:2], vectors_for([0], 1))
+
+
+def test_table_names_are_safe_for_any_model_name() -> None:
+    """Model names with slashes, dots or spaces map to ``emb_`` table names of [0-9A-Za-z_] only."""
+    assert store.table_name("org/model-v1.5 x") == "emb_org_model_v1_5_x"
