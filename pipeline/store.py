@@ -7,6 +7,7 @@ without code changes. ``lancedb`` is imported inside the functions: DAG parsing 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ class UpsertResult:
 
 
 def table_name(model: str) -> str:
-    return "emb_" + re.sub(r"[^0-9A-Za-z_]", "_", model)
+    """LanceDB table of ``model``: readable, and distinct for distinct models (``a/b`` vs ``a_b``)."""
+    safe = re.sub(r"[^0-9A-Za-z_.-]", "_", model)
+    if safe != model:  # something was replaced: disambiguate with a digest of the real name
+        safe += "-" + hashlib.blake2b(model.encode(), digest_size=4).hexdigest()
+    return "emb_" + safe
 
 
 def connect(uri: str) -> Any:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -112,6 +113,11 @@ def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
         store.upsert(str(tmp_path), "m", POOL[:2], vectors_for([0], 1))
 
 
-def test_table_names_are_safe_for_any_model_name() -> None:
-    """Model names with slashes, dots or spaces map to ``emb_`` table names of [0-9A-Za-z_] only."""
-    assert store.table_name("org/model-v1.5 x") == "emb_org_model_v1_5_x"
+@example("a/b", "a_b").via("a slash and an underscore once mapped to the same table")
+@example("hash-words-256", "hash_words_256").via("hyphens are kept, not replaced")
+@given(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30))
+def test_table_names_are_safe_and_distinct_for_distinct_models(a: str, b: str) -> None:
+    """Any model name maps to an ``emb_`` table name of [0-9A-Za-z_.-] only; distinct models never share one."""
+    for name in (a, b):
+        assert re.fullmatch(r"emb_[0-9A-Za-z_.-]+", store.table_name(name))
+    assert (store.table_name(a) == store.table_name(b)) == (a == b)
