@@ -33,7 +33,9 @@ settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
-settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Examples per Hypothesis test that runs the real DAG (each one is a full dag.test(), 3–20 s on Airflow 3).
@@ -61,7 +63,9 @@ def template_db() -> Path:
         if not done.exists():
             shutil.rmtree(directory / "home", ignore_errors=True)
             (directory / "home").mkdir(parents=True)
-            runner.migrate(runner.airflow_env(directory / "home"))  # child process: this one stays airflow-free
+            runner.migrate(
+                runner.airflow_env(directory / "home")
+            )  # child process: this one stays airflow-free
             done.write_text(version("apache-airflow"))
     return db
 
@@ -91,7 +95,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session_dir: Path | None = getattr(config, "_pe_session_dir", None)
     if session_dir is None:
         return
-    if getattr(config, "workerinput", None) is None:  # controller / plain pytest: everything, workers are done
+    if (
+        getattr(config, "workerinput", None) is None
+    ):  # controller / plain pytest: everything, workers are done
         shutil.rmtree(session_dir, ignore_errors=True)
 
 
@@ -135,7 +141,11 @@ def _run(base: Path, corpus: Corpus, options: dict[str, Any]) -> dict[str, Any]:
         corpus = base / "corpus"
     corpus_dir = corpus if isinstance(corpus, Path) else write_corpus(base / "corpus", corpus)
     work_dir = base / "work"
-    conf = {"corpus_dir": str(corpus_dir), "work_dir": str(work_dir), "report_path": str(base / "report.json")}
+    conf = {
+        "corpus_dir": str(corpus_dir),
+        "work_dir": str(work_dir),
+        "report_path": str(base / "report.json"),
+    }
     report = runner.run_dag(Settings(**(conf | options)).as_dict())
     report["task_instances"] = _jsonable_task_instances(report["dag_run"]["run_id"])
     return report

@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="embed a corpus through the parallel_embeddings DAG")
     run.add_argument("corpus_dir", help="folder of .txt / .md / .rst documents (searched recursively)")
-    run.add_argument("--sample", action="store_true", help="first write the offline sample corpus there if empty")
+    run.add_argument(
+        "--sample", action="store_true", help="first write the offline sample corpus there if empty"
+    )
     run.add_argument("--models", help="comma-separated embedders (default: hash-words-256,hash-chars-384)")
-    run.add_argument("--granularity", choices=["batch", "chunk"], help="one task per batch (default) or chunk")
+    run.add_argument(
+        "--granularity", choices=["batch", "chunk"], help="one task per batch (default) or chunk"
+    )
     run.add_argument("--batch-size", type=int, help="chunks per batch at most (default 32)")
     run.add_argument("--max-batch-tokens", type=int, help="tokens per batch at most (default 8192)")
     run.add_argument("--chunk-tokens", type=int, help="tokens per chunk at most (default 200)")
@@ -54,21 +58,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
     run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
-    run.add_argument("--executor", choices=["dag-test", "local"], default="dag-test",
-                     help="dag-test: dag.test() in this process (default); local: a real scheduler with "
-                          "LocalExecutor (Airflow 3)")
-    run.add_argument("--parallelism", type=int,
-                     help="--executor local: task instances running at once ([core] parallelism, default 4)")
-    run.add_argument("--api-concurrency", type=int,
-                     help="--executor local: embed task instances at once (slots of the embedding_api pool; "
-                          "default: --parallelism)")
-    run.add_argument("--timeout", type=float, default=1800,
-                     help="--executor local: give up on the run after this many seconds (default 1800)")
+    run.add_argument(
+        "--executor",
+        choices=["dag-test", "local"],
+        default="dag-test",
+        help="dag-test: dag.test() in this process (default); local: a real scheduler with "
+        "LocalExecutor (Airflow 3)",
+    )
+    run.add_argument(
+        "--parallelism",
+        type=int,
+        help="--executor local: task instances running at once ([core] parallelism, default 4)",
+    )
+    run.add_argument(
+        "--api-concurrency",
+        type=int,
+        help="--executor local: embed task instances at once (slots of the embedding_api pool; "
+        "default: --parallelism)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="--executor local: give up on the run after this many seconds (default 1800)",
+    )
 
     bench = commands.add_parser("bench", help="benchmark orchestration overhead against the raw embedder")
     bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
     bench.add_argument("--json", help="also write the figures as JSON here")
-    bench.add_argument("--model", default="hash-words-256", help="embedder to measure (default hash-words-256)")
+    bench.add_argument(
+        "--model", default="hash-words-256", help="embedder to measure (default hash-words-256)"
+    )
     bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
     bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")
     bench.add_argument("--airflow-home", help="Airflow home (default: inside the work dir)")
@@ -122,7 +142,10 @@ def command_run(args: argparse.Namespace) -> int:
             if value is not None and value < 1:
                 raise SettingsError(f"{flag}={value}: must be >= 1")
     started = time.monotonic()
-    print(f"airflow home: {os.path.abspath(args.airflow_home)} (created and migrated on first use)", file=sys.stderr)
+    print(
+        f"airflow home: {os.path.abspath(args.airflow_home)} (created and migrated on first use)",
+        file=sys.stderr,
+    )
     runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if local:
@@ -156,7 +179,9 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
         )
     for name, m in report["per_model"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
-        lines.append(f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}")
+        lines.append(
+            f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}"
+        )
     for c in report["comparison"]:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(
@@ -177,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sample-corpus":
             from pipeline.sample_corpus import write_sample_corpus
 
-            print(f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}")
+            print(
+                f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}"
+            )
             return 0
         if args.command == "bench":
             from pipeline.bench import main as bench_main

@@ -34,7 +34,9 @@ class NormStats:
         if len(vectors) == 0:
             return cls()
         norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1)
-        return cls(len(norms), float(norms.sum()), float((norms**2).sum()), float(norms.min()), float(norms.max()))
+        return cls(
+            len(norms), float(norms.sum()), float((norms**2).sum()), float(norms.min()), float(norms.max())
+        )
 
     def merge(self, other: NormStats) -> NormStats:
         return NormStats(
@@ -112,7 +114,9 @@ class Partial:
         models = dict(self.models)
         for name, totals in other.models.items():
             models[name] = models[name].merge(totals) if name in models else totals
-        return Partial(models, self.failures + other.failures, self.keys | other.keys, self.vectors + other.vectors)
+        return Partial(
+            models, self.failures + other.failures, self.keys | other.keys, self.vectors + other.vectors
+        )
 
 
 def combine(results: Iterable[Mapping[str, Any]]) -> Partial:
@@ -141,7 +145,12 @@ def reconcile(
         for model in models:
             if (batch["index"], model) not in partial.keys:
                 lost = tuple(
-                    (cid, model, "task_failed", f"mapped task instance for batch {batch['index']} left no result")
+                    (
+                        cid,
+                        model,
+                        "task_failed",
+                        f"mapped task instance for batch {batch['index']} left no result",
+                    )
                     for cid in chunk_ids(batch["start"], batch["stop"])
                 )
                 partial = partial.merge(Partial({model: ModelTotals(failed=len(lost))}, lost))

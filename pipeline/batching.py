@@ -36,7 +36,9 @@ class Batch:
         return asdict(self)
 
 
-def plan_batches(token_counts: Sequence[int], *, batch_size: int, max_tokens: int | None = None) -> list[Batch]:
+def plan_batches(
+    token_counts: Sequence[int], *, batch_size: int, max_tokens: int | None = None
+) -> list[Batch]:
     """Greedy, order-keeping plan: close a batch when the next chunk would break a limit."""
     if batch_size < 1:
         raise PlanError(f"batch_size must be >= 1, got {batch_size}; pass --batch-size 1 or more")
@@ -131,7 +133,9 @@ def map_batches(
     fan_out = next(iter(cross.values())) if cross else None  # the crossed list (e.g. models) sizes the plan
 
     @task_decorator(task_id=plan_task_id)
-    def plan(items: dict, batch_size: int, max_tokens: int | None, grow: bool, fan_out: list | None) -> list[dict]:
+    def plan(
+        items: dict, batch_size: int, max_tokens: int | None, grow: bool, fan_out: list | None
+    ) -> list[dict]:
         from pipeline.compat import max_map_length
         from pipeline.staging import read_token_counts
 

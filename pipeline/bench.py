@@ -7,6 +7,7 @@ the median of several repetitions. Nothing here is asserted: benchmarks are not 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -79,8 +80,15 @@ def parse_seconds(repeat: int = 3) -> float:
     from pipeline.runner import DAGS_FOLDER
 
     runs = [
-        float(subprocess.run([sys.executable, "-c", code % DAGS_FOLDER], capture_output=True, text=True,
-                             check=True, env=os.environ).stdout.split()[-1])  # fmt: skip
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code % DAGS_FOLDER],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=os.environ,
+            ).stdout.split()[-1]
+        )  # fmt: skip
         for _ in range(repeat)
     ]
     return statistics.median(runs)
@@ -104,9 +112,16 @@ def scaling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict[str,
     rows = []
     for n in sizes:
         tokens = [50 + (i * 37) % 150 for i in range(n)]
-        plan_s = median_time(lambda: batching.plan_within_map_length(
-            tokens, batch_size=32, max_tokens=8192, fan_out=1, max_map_length=1024), 3)  # fmt: skip
-        plan = batching.plan_within_map_length(tokens, batch_size=32, max_tokens=8192, fan_out=1, max_map_length=1024)
+        make_plan = functools.partial(
+            batching.plan_within_map_length,
+            tokens,
+            batch_size=32,
+            max_tokens=8192,
+            fan_out=1,
+            max_map_length=1024,
+        )
+        plan_s = median_time(make_plan, 3)
+        plan = make_plan()
         results = [
             {"batch": b.index, "model": "m", "start": b.start, "stop": b.stop, "succeeded": b.size - 1,
              "failures": [[f"c{b.start}", "rejected", "x"]], "retried": 0, "calls": 3, "dim": 8,
@@ -114,7 +129,9 @@ def scaling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict[str,
             for b in plan
         ]  # fmt: skip
         plan_dicts = [b.as_dict() for b in plan]
-        agg_s = median_time(lambda: aggregate.reconcile(plan_dicts, ["m"], results, lambda s, e: []), 3)
+        agg_s = median_time(
+            functools.partial(aggregate.reconcile, plan_dicts, ["m"], results, lambda s, e: []), 3
+        )
         rows.append({"chunks": n, "batches": len(plan), "plan_seconds": plan_s, "aggregate_seconds": agg_s})
     return rows
 
@@ -143,8 +160,14 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
                     batch_size=batch_size, work_dir=str(work / "runs")).as_dict()  # fmt: skip
     from pipeline.runner import run_dag
 
-    warm = base | {"corpus_dir": small_dir, "report_path": str(work / "warm.json"), "store_uri": str(work / "ws")}
-    run_dag(warm)  # first dag.test in a process builds Airflow's machinery (3.x: ~10 s); not part of any figure
+    warm = base | {
+        "corpus_dir": small_dir,
+        "report_path": str(work / "warm.json"),
+        "store_uri": str(work / "ws"),
+    }
+    run_dag(
+        warm
+    )  # first dag.test in a process builds Airflow's machinery (3.x: ~10 s); not part of any figure
 
     raw = raw_rate(chunks, model, batch_size, repeat=3)
     batched_wall, batched = dag_rate(base, repeat)
@@ -155,7 +178,9 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
     pairs = batched["embeddings"]["expected"]
     sweep = [{"batch_size": 1, "granularity": "chunk", "chunks_per_s": per_chunk_rate}]
     for size in (8, 32, 128) if quick else (4, 16, 32, 64, 256):
-        wall, report = (batched_wall, batched) if size == batch_size else dag_rate(base | {"batch_size": size}, 1)
+        wall, report = (
+            (batched_wall, batched) if size == batch_size else dag_rate(base | {"batch_size": size}, 1)
+        )
         sweep.append({"batch_size": size, "granularity": "batch", "chunks_per_s": len(chunks) / wall,
                       "mapped_task_instances": report["mapped_task_instances"]})  # fmt: skip
     result = {
@@ -175,7 +200,8 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
         "dag_per_chunk_chunks_per_s": per_chunk_rate,
         "speedup_batched_vs_per_chunk": batched_rate / per_chunk_rate,
         "e2e_vs_raw": batched_rate / raw,
-        "per_task_instance_overhead_s": (per_chunk_wall - raw_small_seconds) / per_chunk["mapped_task_instances"],
+        "per_task_instance_overhead_s": (per_chunk_wall - raw_small_seconds)
+        / per_chunk["mapped_task_instances"],
         "batched_wall_s": batched_wall,
         "per_chunk_wall_s": per_chunk_wall,
         "parse_seconds": parse_seconds(),
@@ -205,7 +231,10 @@ def render(result: dict[str, Any]) -> str:
         ("XCom bytes per chunk x model pair", f"{result['xcom_bytes_per_pair']:.0f}"),
     ]
     rows += [
-        (f"plan / aggregate {s['chunks']} chunks, s", f"{s['plan_seconds']:.3f} / {s['aggregate_seconds']:.3f}")
+        (
+            f"plan / aggregate {s['chunks']} chunks, s",
+            f"{s['plan_seconds']:.3f} / {s['aggregate_seconds']:.3f}",
+        )
         for s in result["scaling"]
     ]
     width = max(len(k) for k, _ in rows)

@@ -50,7 +50,9 @@ def chunk_text(doc: str, text: str, *, max_tokens: int, overlap: int = 0) -> lis
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if not 0 <= overlap < max_tokens:
-        raise ValueError(f"overlap must be in [0, max_tokens), got overlap={overlap}, max_tokens={max_tokens}")
+        raise ValueError(
+            f"overlap must be in [0, max_tokens), got overlap={overlap}, max_tokens={max_tokens}"
+        )
     spans = [m.span() for m in TOKEN.finditer(text)]
     chunks: list[Chunk] = []
     start = 0

@@ -25,7 +25,7 @@ def knn_jaccard(a: np.ndarray, b: np.ndarray, k: int = 10) -> float | None:
         return None
     k = min(k, n - 1)
     na, nb = _neighbours(a, k), _neighbours(b, k)
-    scores = [len(x & y) / len(x | y) for x, y in zip(na, nb)]
+    scores = [len(x & y) / len(x | y) for x, y in zip(na, nb, strict=True)]
     return float(np.mean(scores))
 
 
@@ -65,7 +65,13 @@ def sample_ids(ids: Sequence[str], limit: int) -> list[str]:
 
 
 def compare_pair(
-    ids_a: Sequence[str], va: np.ndarray, ids_b: Sequence[str], vb: np.ndarray, *, k: int = 10, limit: int = 2000
+    ids_a: Sequence[str],
+    va: np.ndarray,
+    ids_b: Sequence[str],
+    vb: np.ndarray,
+    *,
+    k: int = 10,
+    limit: int = 2000,
 ) -> dict[str, float | int | None]:
     """Scores on the chunks both models embedded (at most ``limit`` of them, sampled deterministically)."""
     common = sample_ids(sorted(set(ids_a) & set(ids_b)), limit)

@@ -18,8 +18,19 @@ else:  # Airflow 2.10 / 2.11
     from airflow.models.param import Param
     from airflow.operators.python import get_current_context
 
-__all__ = ["AIRFLOW_3", "AIRFLOW_VERSION", "AirflowFailException", "ObjectStoragePath", "Param", "dag", "get_current_context", "task",
-           "max_map_length"]  # fmt: skip
+__all__ = [
+    "AIRFLOW_3",
+    "AIRFLOW_VERSION",
+    "AirflowFailException",
+    "ObjectStoragePath",
+    "Param",
+    "dag",
+    "get_connection",
+    "get_current_context",
+    "max_map_length",
+    "set_map_label",
+    "task",
+]
 
 
 def max_map_length() -> int:
@@ -31,7 +42,7 @@ def max_map_length() -> int:
 
 def set_map_label(label: str) -> None:
     """Name the running mapped task instance in the UI (rendered through ``map_index_template``)."""
-    context: Any = get_current_context()
+    context: Any = get_current_context()  # noqa: AIR301 - airflow.sdk's on Airflow 3, see the imports above
     context["map_label"] = label
 
 

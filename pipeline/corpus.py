@@ -38,7 +38,9 @@ def resolve_root(corpus_dir: str | os.PathLike[str]) -> Path:
     if not root.exists():
         raise CorpusError(f"corpus directory {str(corpus_dir)!r} does not exist; pass an existing directory")
     if not root.is_dir():
-        raise CorpusError(f"corpus path {str(corpus_dir)!r} is not a directory; pass the folder holding the files")
+        raise CorpusError(
+            f"corpus path {str(corpus_dir)!r} is not a directory; pass the folder holding the files"
+        )
     if not os.access(root, os.R_OK | os.X_OK):
         raise CorpusError(f"corpus directory {str(corpus_dir)!r} is not readable; fix its permissions")
     return root.resolve()
@@ -121,9 +123,7 @@ def _unreadable_reason(path: Path, root: Path, max_bytes: int) -> str | None:
     if not path.is_file():
         return "not a regular file"
     if size > max_bytes:
-        return (
-            f"{size} bytes is above max_document_bytes={max_bytes}; split the file or raise --max-document-bytes"
-        )
+        return f"{size} bytes is above max_document_bytes={max_bytes}; split the file or raise --max-document-bytes"
     if not os.access(path, os.R_OK):
         return "unreadable: permission denied"
     return None

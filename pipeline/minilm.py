@@ -61,7 +61,7 @@ def count_tokens(texts: Sequence[str]) -> list[int]:
     return [len(row) for row in ids]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_minilm(device: str = "cpu") -> Callable[[Sequence[str]], np.ndarray]:
     """Load all-MiniLM-L6-v2 from site-packages (once per process and device) and return its encode function.
 

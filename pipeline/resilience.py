@@ -50,12 +50,15 @@ class Backoff:
         return rng.uniform(0, min(self.cap, self.base * 2**attempt))
 
 
+DEFAULT_BACKOFF = Backoff()
+
+
 def embed_resiliently(
     ids: Sequence[str],
     texts: Sequence[str],
     call: EmbedCall,
     *,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff = DEFAULT_BACKOFF,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
 ) -> Outcome:

@@ -43,7 +43,9 @@ def airflow_env(home: str | os.PathLike[str], *, quiet: bool = True) -> dict[str
     return env
 
 
-def use_airflow_home(home: str | os.PathLike[str], *, quiet: bool = True, template_db: str | None = None) -> Path:
+def use_airflow_home(
+    home: str | os.PathLike[str], *, quiet: bool = True, template_db: str | None = None
+) -> Path:
     """Point this process at ``home`` (create and migrate it if needed). Must run before importing airflow."""
     env = airflow_env(home, quiet=quiet)
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:

@@ -40,11 +40,7 @@ def module_text(name: str) -> str | None:
 def write_sample_corpus(directory: str | Path, *, limit: int = 300) -> list[Path]:
     """Write up to ``limit`` module documents (``.md``, in sub-folders by package) under ``directory``."""
     root = Path(directory)
-    names = sorted(
-        name
-        for name in sys.stdlib_module_names
-        if not name.startswith(_SKIP_PREFIXES)
-    )
+    names = sorted(name for name in sys.stdlib_module_names if not name.startswith(_SKIP_PREFIXES))
     written: list[Path] = []
     for name in names:
         for module_name in [name, *_submodules(name)]:

@@ -227,8 +227,10 @@ def run_scheduled(
                         "--apps", "execution", "--workers", "1")  # fmt: skip
             procs.start("dag-processor", "dag-processor")
             procs.start("scheduler", "scheduler", "--skip-serve-logs")
-            say(f"airflow processes: api-server on 127.0.0.1:{api_port}, dag-processor, scheduler "
-                f"(parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; logs in {procs.log_dir})")
+            say(
+                f"airflow processes: api-server on 127.0.0.1:{api_port}, dag-processor, scheduler "
+                f"(parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; logs in {procs.log_dir})"
+            )
             _wait_ready(procs, api_port, since, time.monotonic() + STARTUP_TIMEOUT)
             run_id = f"manual__{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%f')}"
             for stale in _trigger(run_id, conf):
@@ -296,13 +298,25 @@ def _trigger(run_id: str, conf: dict[str, Any]) -> list[str]:
         session.execute(update(DagModel).where(DagModel.dag_id == DAG_ID).values(is_paused=False))
         # max_active_runs=1: a run left unfinished by an interrupted earlier run would block this one (or be
         # resumed by the scheduler). The embedded home is this tool's: fail such runs and their open tasks.
-        stale = session.scalars(select(DagRun.run_id).where(
-            DagRun.dag_id == DAG_ID, DagRun.state.in_([DagRunState.RUNNING, DagRunState.QUEUED]))).all()
+        stale = session.scalars(
+            select(DagRun.run_id).where(
+                DagRun.dag_id == DAG_ID, DagRun.state.in_([DagRunState.RUNNING, DagRunState.QUEUED])
+            )
+        ).all()
         if stale:
-            session.execute(update(TaskInstance).where(
-                TaskInstance.dag_id == DAG_ID, TaskInstance.run_id.in_(stale),
-                or_(TaskInstance.state.is_(None), TaskInstance.state.in_(sorted(State.unfinished - {None}))),
-            ).values(state=TaskInstanceState.FAILED), execution_options={"synchronize_session": False})
+            session.execute(
+                update(TaskInstance)
+                .where(
+                    TaskInstance.dag_id == DAG_ID,
+                    TaskInstance.run_id.in_(stale),
+                    or_(
+                        TaskInstance.state.is_(None),
+                        TaskInstance.state.in_(sorted(State.unfinished - {None})),
+                    ),
+                )
+                .values(state=TaskInstanceState.FAILED),
+                execution_options={"synchronize_session": False},
+            )
             session.execute(
                 update(DagRun).where(DagRun.dag_id == DAG_ID, DagRun.run_id.in_(stale))
                 .values(state=DagRunState.FAILED), execution_options={"synchronize_session": False},

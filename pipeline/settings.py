@@ -92,7 +92,9 @@ class Settings:
             if value is None:
                 continue
             if name in ("models", "extensions"):
-                value = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip())
+                value = tuple(
+                    v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()
+                )
             elif name in ("fail_rate", "transient_rate", "backoff_seconds"):
                 value = _convert(name, value, float)
             elif known[name].type in ("int", int):

@@ -58,7 +58,10 @@ def read_chunks(chunk_set: dict[str, Any], start: int = 0, stop: int | None = No
     with (root / "chunks.jsonl").open("rb") as f:
         f.seek(int(offsets[start]))
         data = f.read(int(offsets[stop] - offsets[start]))
-    return [Chunk(id=i, doc=d, ordinal=o, tokens=t, text=x) for i, d, o, t, x in map(json.loads, data.splitlines())]
+    return [
+        Chunk(id=i, doc=d, ordinal=o, tokens=t, text=x)
+        for i, d, o, t, x in map(json.loads, data.splitlines())
+    ]
 
 
 def write_vectors(uri: str, ids: list[str], vectors: np.ndarray) -> None:

@@ -108,7 +108,10 @@ def embed_batch(
 
 
 def aggregate_results(
-    chunk_set: Mapping[str, Any], plan: Sequence[Mapping[str, int]], models: Sequence[str], results: Iterable[Any]
+    chunk_set: Mapping[str, Any],
+    plan: Sequence[Mapping[str, int]],
+    models: Sequence[str],
+    results: Iterable[Any],
 ) -> dict[str, Any]:
     def chunk_ids(start: int, stop: int) -> list[str]:
         return [c.id for c in staging.read_chunks(chunk_set, start, stop)]
@@ -153,11 +156,12 @@ def upsert_vectors(
     }
 
 
-def compare_models(settings: Settings, summary: Mapping[str, Any], models: Sequence[str]) -> list[dict[str, Any]]:
+def compare_models(
+    settings: Settings, summary: Mapping[str, Any], models: Sequence[str]
+) -> list[dict[str, Any]]:
     loaded = {m: _staged_vectors(summary, m) for m in models}
     return [
-        {"models": [a, b]}
-        | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
+        {"models": [a, b]} | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
         for a, b in itertools.combinations(models, 2)
     ]
 

@@ -39,7 +39,9 @@ def connect(uri: str) -> Any:
     return lancedb.connect(uri)
 
 
-def upsert(uri: str, model: str, chunks: Sequence[Chunk], vectors: np.ndarray, *, compact: bool = True) -> UpsertResult:
+def upsert(
+    uri: str, model: str, chunks: Sequence[Chunk], vectors: np.ndarray, *, compact: bool = True
+) -> UpsertResult:
     """Insert or update the vectors of ``chunks`` for ``model``; identical re-upserts leave the count unchanged."""
     import pyarrow as pa
 
@@ -63,7 +65,9 @@ def upsert(uri: str, model: str, chunks: Sequence[Chunk], vectors: np.ndarray, *
             "doc": [c.doc for c in chunks],
             "ordinal": pa.array([c.ordinal for c in chunks], pa.int32()),
             "text": [c.text for c in chunks],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).ravel()), dim),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(vectors, np.float32).ravel()), dim
+            ),
         },
         schema=schema,
     )
@@ -81,7 +85,9 @@ def count_vectors(uri: str, models: Sequence[str]) -> dict[str, int]:
     """Vectors present per model (0 for a model that has no table yet)."""
     db = connect(uri)
     existing = set(_list_tables(db))
-    return {m: (db.open_table(table_name(m)).count_rows() if table_name(m) in existing else 0) for m in models}
+    return {
+        m: (db.open_table(table_name(m)).count_rows() if table_name(m) in existing else 0) for m in models
+    }
 
 
 def read_ids(uri: str, model: str) -> list[str]:

@@ -110,7 +110,9 @@ def corpora(
     text: st.SearchStrategy[str] | None = None, *, min_size: int = 0, max_size: int = 6
 ) -> st.SearchStrategy[dict[str, str]]:
     """A corpus as ``{relpath: text}`` (file names have an extension, directories never do: no clashes)."""
-    return st.dictionaries(relpaths(), text if text is not None else document_texts(), min_size=min_size, max_size=max_size)
+    return st.dictionaries(
+        relpaths(), text if text is not None else document_texts(), min_size=min_size, max_size=max_size
+    )
 
 
 # What a hostile corpus file may be, and the bytes of such a file. ``oversize`` is relative to a limit.
@@ -144,7 +146,9 @@ def bad_utf8() -> st.SearchStrategy[tuple[bytes, int]]:
 
 
 @st.composite
-def hostile_corpora(draw: st.DrawFn, *, max_document_bytes: int, max_size: int = 8) -> dict[str, tuple[str, bytes]]:
+def hostile_corpora(
+    draw: st.DrawFn, *, max_document_bytes: int, max_size: int = 8
+) -> dict[str, tuple[str, bytes]]:
     """``{relpath: (kind, bytes)}``: a corpus mixing good text files with every kind of bad file."""
     paths = draw(st.lists(relpaths(extension=""), min_size=1, max_size=max_size, unique=True))
     out = {}
@@ -163,7 +167,9 @@ def token_count_lists(
 ) -> st.SearchStrategy[list[int]]:
     """Token counts of an ordered chunk list; ``huge=True`` adds one chunk far above any batch cap."""
     counts = st.lists(st.integers(1, max_count), min_size=min_size, max_size=max_size)
-    with_huge = st.builds(lambda xs, i, n: xs[:i] + [n] + xs[i:], counts, st.integers(0, max_size), st.integers(10**4, 10**6))
+    with_huge = st.builds(
+        lambda xs, i, n: xs[:i] + [n] + xs[i:], counts, st.integers(0, max_size), st.integers(10**4, 10**6)
+    )
     if huge is None:
         return st.one_of(counts, with_huge)
     return with_huge if huge else counts
@@ -184,9 +190,13 @@ def token_caps(*, max_cap: int = 120) -> st.SearchStrategy[int | None]:
 OFFLINE_MODELS = tuple(m for m in KNOWN_MODELS if m != "minilm")
 
 
-def model_lists(*, synthetic: bool = False, min_size: int = 1, max_size: int = 3) -> st.SearchStrategy[list[str]]:
+def model_lists(
+    *, synthetic: bool = False, min_size: int = 1, max_size: int = 3
+) -> st.SearchStrategy[list[str]]:
     """Distinct model names: the offline registry models, or synthetic names (for pure aggregation)."""
-    names = st.sampled_from(OFFLINE_MODELS) if not synthetic else st.from_regex(r"m-[a-z]{1,4}", fullmatch=True)
+    names = (
+        st.sampled_from(OFFLINE_MODELS) if not synthetic else st.from_regex(r"m-[a-z]{1,4}", fullmatch=True)
+    )
     upper = max_size if synthetic else min(max_size, len(OFFLINE_MODELS))
     return st.lists(names, min_size=min_size, max_size=upper, unique=True)
 
@@ -205,7 +215,9 @@ class Fate:
 OK = Fate()
 
 
-def fates(*, transient: bool = True, permanent: bool = True, max_transient: int = 3) -> st.SearchStrategy[Fate]:
+def fates(
+    *, transient: bool = True, permanent: bool = True, max_transient: int = 3
+) -> st.SearchStrategy[Fate]:
     options: list[st.SearchStrategy[Fate]] = [st.just(OK)]
     if transient:
         options.append(st.integers(1, max_transient).map(lambda k: Fate(transient=k)))
@@ -219,7 +231,9 @@ def failure_masks(
 ) -> st.SearchStrategy[dict[tuple[str, str], Fate]]:
     """A fate for every chunk × model pair."""
     pairs = [(i, m) for m in models for i in ids]
-    return st.lists(fates(**kwargs), min_size=len(pairs), max_size=len(pairs)).map(lambda fs: dict(zip(pairs, fs)))
+    return st.lists(fates(**kwargs), min_size=len(pairs), max_size=len(pairs)).map(
+        lambda fs: dict(zip(pairs, fs, strict=True))
+    )
 
 
 def permanent_set(mask: dict[tuple[str, str], Fate]) -> set[tuple[str, str]]:
@@ -246,7 +260,7 @@ class MaskedCall:
         fates = [self.mask.get((i, self.model), OK) for i in ids]
         if any(f.permanent for f in fates):
             raise InputRejectedError("refused")
-        flaky = [i for i, f in zip(ids, fates) if self._left.setdefault(i, f.transient) > 0]
+        flaky = [i for i, f in zip(ids, fates, strict=True) if self._left.setdefault(i, f.transient) > 0]
         if flaky:
             for i in flaky:
                 self._left[i] -= 1
@@ -315,7 +329,11 @@ def embed_result(
 
 @st.composite
 def synthetic_runs(
-    draw: st.DrawFn, *, min_chunks: int = 0, max_chunks: int = 30, synthetic_models: bool = True,
+    draw: st.DrawFn,
+    *,
+    min_chunks: int = 0,
+    max_chunks: int = 30,
+    synthetic_models: bool = True,
     transient: bool = True,
 ) -> SyntheticRun:
     """A whole fan-out: chunk ids, a batch plan, models, a failure mask and one result per (batch, model)."""

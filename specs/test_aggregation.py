@@ -82,10 +82,12 @@ def test_aggregation_does_not_depend_on_the_order_of_results(run: SyntheticRun, 
 
 
 @given(synthetic_runs(), st.data())
-def test_merging_partial_aggregates_equals_aggregating_everything(run: SyntheticRun, data: st.DataObject) -> None:
+def test_merging_partial_aggregates_equals_aggregating_everything(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
     """Partial.merge is a monoid: combining disjoint groups and merging them equals combining all results."""
     groups = data.draw(st.lists(st.integers(0, 3), min_size=len(run.results), max_size=len(run.results)))
-    parts = [combine(r for r, g in zip(run.results, groups) if g == k) for k in range(4)]
+    parts = [combine(r for r, g in zip(run.results, groups, strict=True) if g == k) for k in range(4)]
     merged = Partial()
     for part in parts:
         merged = merged.merge(part)
@@ -151,7 +153,13 @@ def test_a_result_outside_the_plan_raises_aggregation_error(run: SyntheticRun) -
     st.data(),
 )
 def test_embed_batch_results_reconcile_to_the_fault_plans_permanent_set(
-    docs: list[str], models: list[str], batch_size: int, fail: float, transient: float, seed: int, data: st.DataObject
+    docs: list[str],
+    models: list[str],
+    batch_size: int,
+    fail: float,
+    transient: float,
+    seed: int,
+    data: st.DataObject,
 ) -> None:
     """Through the real steps (staged chunks, embed_batch per batch × model, some dropped), the failed pairs are
     the fault plan's permanent pairs, oversize chunks, and the pairs of dropped task instances."""
@@ -160,11 +168,21 @@ def test_embed_batch_results_reconcile_to_the_fault_plans_permanent_set(
                        fail_seed=seed, backoff_seconds=0.0, max_batch_tokens=30, chunk_tokens=40, chunk_overlap=5)  # fmt: skip
         chunks = [c for i, d in enumerate(docs) for c in chunk_text(f"d{i}.txt", d, max_tokens=40, overlap=5)]
         chunk_set = staging.write_chunk_set(f"{tmp}/chunks", chunks)
-        plan = [b.as_dict() for b in plan_batches([c.tokens for c in chunks], batch_size=batch_size, max_tokens=30)]
+        plan = [
+            b.as_dict()
+            for b in plan_batches([c.tokens for c in chunks], batch_size=batch_size, max_tokens=30)
+        ]
         results = [steps.embed_batch(run, chunk_set, b, m, tmp) for b in plan for m in models]
         dropped = data.draw(st.sets(st.sampled_from(range(len(results))), max_size=2)) if results else set()
-        summary = steps.aggregate_results(chunk_set, plan, models, [r for i, r in enumerate(results) if i not in dropped])
-    lost = {(c.id, r["model"]) for i, r in enumerate(results) if i in dropped for c in chunks[r["start"] : r["stop"]]}
+        summary = steps.aggregate_results(
+            chunk_set, plan, models, [r for i, r in enumerate(results) if i not in dropped]
+        )
+    lost = {
+        (c.id, r["model"])
+        for i, r in enumerate(results)
+        if i in dropped
+        for c in chunks[r["start"] : r["stop"]]
+    }
     oversize = {(c.id, m) for c in chunks for m in models if c.tokens > 30}
     poison = {(c.id, m) for c in chunks for m in models if run.fault_plan.fault(c.id, m) is Fault.PERMANENT}
     assert summary["succeeded"] + summary["failed"] == summary["expected"] == len(chunks) * len(models)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -49,7 +50,9 @@ def test_no_batch_is_over_batch_size_or_over_max_tokens_except_a_lone_oversize_c
 ) -> None:
     """A batch holds at most batch_size chunks and max_tokens tokens; a chunk above the cap gets a batch alone."""
     counts, batch_size, max_tokens = case
-    assert_valid_plan(plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens), counts, batch_size, max_tokens)
+    assert_valid_plan(
+        plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens), counts, batch_size, max_tokens
+    )
 
 
 @given(plans(huge=True))
@@ -63,7 +66,9 @@ def test_an_oversize_chunk_never_shares_a_batch(case: tuple[list[int], int, int 
 
 
 @given(token_count_lists(), st.data())
-def test_with_only_the_count_limit_only_the_last_batch_is_partial(counts: list[int], data: st.DataObject) -> None:
+def test_with_only_the_count_limit_only_the_last_batch_is_partial(
+    counts: list[int], data: st.DataObject
+) -> None:
     """Without a token cap there are ceil(n / batch_size) batches, all full except perhaps the last."""
     batch_size = data.draw(batch_sizes(len(counts)))
     plan = plan_batches(counts, batch_size=batch_size)
@@ -78,7 +83,7 @@ def test_the_greedy_plan_closes_a_batch_only_when_the_next_chunk_would_break_a_l
     """Merging any batch with the first chunk of the next one would exceed batch_size or max_tokens."""
     counts, batch_size, max_tokens = case
     plan = plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
-    for b, nxt in zip(plan, plan[1:]):
+    for b, nxt in itertools.pairwise(plan):
         too_many = b.size + 1 > batch_size
         too_heavy = max_tokens is not None and b.tokens + counts[nxt.start] > max_tokens
         assert too_many or too_heavy
@@ -129,7 +134,9 @@ def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     budget = max_map_length // fan_out
     original = plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
     smallest = smallest_fitting_batch_size(counts, max_tokens, budget) if counts else 1
-    kwargs = dict(batch_size=batch_size, max_tokens=max_tokens, fan_out=fan_out, max_map_length=max_map_length)
+    kwargs = dict(
+        batch_size=batch_size, max_tokens=max_tokens, fan_out=fan_out, max_map_length=max_map_length
+    )
     if len(original) <= budget:
         assert plan_within_map_length(counts, **kwargs, grow=grow) == original
     elif grow and smallest is not None:

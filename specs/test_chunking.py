@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -13,10 +15,10 @@ max_tokens_ = st.integers(1, 40)
 
 
 @st.composite
-def chunking_args(draw: st.DrawFn, text: st.SearchStrategy[str] = texts()) -> tuple[str, int, int]:
+def chunking_args(draw: st.DrawFn, text: st.SearchStrategy[str] | None = None) -> tuple[str, int, int]:
     """A text, a token budget and an overlap below it."""
     max_tokens = draw(max_tokens_)
-    return draw(text), max_tokens, draw(st.integers(0, max_tokens - 1))
+    return draw(text or texts()), max_tokens, draw(st.integers(0, max_tokens - 1))
 
 
 def rebuild_tokens(chunks: list[Chunk], overlap: int) -> list[str]:
@@ -94,12 +96,14 @@ def test_the_same_text_in_two_documents_gets_different_ids(docs: list[str], text
 
 
 @given(chunking_args(text=plain_words(min_words=1)))
-def test_hard_cuts_fill_the_budget_and_overlap_repeats_exactly_overlap_tokens(args: tuple[str, int, int]) -> None:
+def test_hard_cuts_fill_the_budget_and_overlap_repeats_exactly_overlap_tokens(
+    args: tuple[str, int, int],
+) -> None:
     """Without paragraph or sentence boundaries every chunk but the last has max_tokens tokens and the next
     one starts with its last ``overlap`` tokens."""
     text, max_tokens, overlap = args
     chunks = chunk_text("d.txt", text, max_tokens=max_tokens, overlap=overlap)
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in itertools.pairwise(chunks):
         assert before.tokens == max_tokens
         tail = TOKEN.findall(before.text)[max_tokens - overlap :] if overlap else []
         assert TOKEN.findall(after.text)[:overlap] == tail

@@ -28,7 +28,9 @@ def rotations(draw: st.DrawFn, d: int) -> np.ndarray:
 
 
 scales = st.floats(1e-3, 1e3)
-small_ints = hnp.arrays(np.int64, st.tuples(st.integers(0, 8), st.integers(1, 5)), elements=st.integers(-3, 3))
+small_ints = hnp.arrays(
+    np.int64, st.tuples(st.integers(0, 8), st.integers(1, 5)), elements=st.integers(-3, 3)
+)
 
 
 @given(embeddings())
@@ -54,7 +56,9 @@ def test_cka_is_none_exactly_when_a_side_has_no_variance(a: np.ndarray) -> None:
 
 
 @given(st.data(), embeddings(), scales)
-def test_cka_is_invariant_to_rotating_and_scaling_one_side(data: st.DataObject, a: np.ndarray, s: float) -> None:
+def test_cka_is_invariant_to_rotating_and_scaling_one_side(
+    data: st.DataObject, a: np.ndarray, s: float
+) -> None:
     """CKA(A, B) == CKA(A, s·B·Q) for any orthogonal Q and scale s > 0."""
     b = data.draw(embeddings(min_rows=len(a), max_rows=len(a)))
     q = data.draw(rotations(b.shape[1]))

@@ -109,8 +109,9 @@ def test_every_cli_option_is_a_dag_param(dag):
 
 def test_dag_file_parses_within_budget(airflow_home):
     """Filling a DagBag from pipeline/dags (Airflow itself already imported) takes under the parse budget."""
-    import pipeline.compat  # noqa: F401 - Airflow's own modules, as a DAG processor has them loaded
     from airflow.models import DagBag
+
+    import pipeline.compat  # noqa: F401 - Airflow's own modules, as a DAG processor has them loaded
 
     started = time.perf_counter()
     bag = DagBag(dag_folder=DAGS_FOLDER)

@@ -48,7 +48,7 @@ def test_embedding_is_deterministic_and_independent_of_the_batch(model: str, tex
     embedder = get_embedder(model)
     together = embedder.embed(texts)
     assert np.array_equal(together, get_embedder(model).embed(texts))
-    for text, row in zip(texts, together):
+    for text, row in zip(texts, together, strict=True):
         assert np.array_equal(embedder.embed([text])[0], row)
 
 
@@ -105,7 +105,11 @@ def cosine(model: str, a: str, b: str) -> float:
 def test_the_two_hashing_models_see_text_differently() -> None:
     """Words vs characters: a typo keeps most character n-grams but changes the word, and word order
     changes the word bigrams; so the two models disagree, which is what makes comparing them meaningful."""
-    assert cosine("hash-chars-384", "embedding", "embeding") > 0.5 > cosine("hash-words-256", "embedding", "embeding")
+    assert (
+        cosine("hash-chars-384", "embedding", "embeding")
+        > 0.5
+        > cosine("hash-words-256", "embedding", "embeding")
+    )
     words = get_embedder("hash-words-256").embed(["green apple pie", "apple pie green"])
     chars = get_embedder("hash-chars-384").embed(["green apple pie", "apple pie green"])
     assert words.shape[1] != chars.shape[1]

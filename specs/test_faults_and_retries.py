@@ -41,8 +41,13 @@ def fake_embed(texts: Sequence[str]) -> np.ndarray:
 def run_batches(ids: list[str], batch_size: int, plan: FaultPlan, model: str, attempts: int) -> list[Outcome]:
     """Send ``ids`` in batches, each through a fresh FaultyCall (one mapped task instance per batch)."""
     return [
-        embed_resiliently(ids[i : i + batch_size], ids[i : i + batch_size], FaultyCall(plan, model, fake_embed),
-                          backoff=Backoff(max_attempts=attempts), sleep=no_sleep)  # fmt: skip
+        embed_resiliently(
+            ids[i : i + batch_size],
+            ids[i : i + batch_size],
+            FaultyCall(plan, model, fake_embed),
+            backoff=Backoff(max_attempts=attempts),
+            sleep=no_sleep,
+        )  # fmt: skip
         for i in range(0, len(ids), batch_size)
     ]
 
@@ -57,7 +62,9 @@ def assert_exactly_once(ids: Sequence[str], out: Outcome) -> None:
 
 
 @given(fault_plans, models, st.text(max_size=30))
-def test_a_pairs_fault_is_a_pure_function_of_chunk_model_and_seed(plan: FaultPlan, model: str, cid: str) -> None:
+def test_a_pairs_fault_is_a_pure_function_of_chunk_model_and_seed(
+    plan: FaultPlan, model: str, cid: str
+) -> None:
     """The same (chunk id, model, seed) always gets the same fault, from a fresh plan object too."""
     twin = FaultPlan(plan.fail_rate, plan.transient_rate, plan.seed, plan.max_transient_failures)
     assert plan.fault(cid, model) is twin.fault(cid, model)
@@ -79,7 +86,10 @@ def test_the_failed_set_does_not_depend_on_batch_size_or_order(
     assert failed == {i for i in ids if plan.fault(i, model) is Fault.PERMANENT}
 
 
-@given(st.floats(allow_nan=False).filter(lambda r: not 0 <= r <= 1), st.sampled_from(["fail_rate", "transient_rate"]))
+@given(
+    st.floats(allow_nan=False).filter(lambda r: not 0 <= r <= 1),
+    st.sampled_from(["fail_rate", "transient_rate"]),
+)
 @example(1.5, "fail_rate").via("above one")
 @example(-0.1, "transient_rate").via("negative")
 def test_rates_outside_zero_one_are_rejected_naming_the_rate(rate: float, name: str) -> None:
@@ -111,7 +121,9 @@ def masked_batches(draw: st.DrawFn, transient: bool = True, permanent: bool = Tr
 
 
 @given(masked_batches(), st.integers(1, 5))
-def test_every_input_ends_exactly_once_as_vector_or_failure(case: tuple[list[str], dict], attempts: int) -> None:
+def test_every_input_ends_exactly_once_as_vector_or_failure(
+    case: tuple[list[str], dict], attempts: int
+) -> None:
     """Whatever the faults and the retry budget, outputs partition the inputs (no loss, no duplicate)."""
     ids, mask = case
     out = embed_resiliently(ids, ids, MaskedCall(mask, "m", dim=4), backoff=Backoff(max_attempts=attempts),
@@ -120,12 +132,16 @@ def test_every_input_ends_exactly_once_as_vector_or_failure(case: tuple[list[str
 
 
 @given(masked_batches())
-def test_with_enough_attempts_the_failed_set_is_exactly_the_permanent_set(case: tuple[list[str], dict]) -> None:
+def test_with_enough_attempts_the_failed_set_is_exactly_the_permanent_set(
+    case: tuple[list[str], dict],
+) -> None:
     """When max_attempts exceeds every pair's transient failures, transient pairs are all recovered and only
     permanent (poison) pairs fail, as ``rejected``."""
     ids, mask = case
     attempts = 1 + max(f.transient for f in mask.values())
-    out = embed_resiliently(ids, ids, MaskedCall(mask, "m"), backoff=Backoff(max_attempts=attempts), sleep=no_sleep)
+    out = embed_resiliently(
+        ids, ids, MaskedCall(mask, "m"), backoff=Backoff(max_attempts=attempts), sleep=no_sleep
+    )
     assert {(f.chunk_id, "m") for f in out.failures} == permanent_set(mask)
     assert {f.kind for f in out.failures} <= {"rejected"}
 
@@ -160,7 +176,9 @@ def test_poison_isolation_costs_at_most_two_log2_batch_extra_calls_per_poison_in
     st.floats(0.0, 100.0, allow_nan=False),
     st.floats(0.1, 60.0),
 )
-def test_retry_after_is_honoured_up_to_the_cap(ids: list[str], k: int, retry_after: float, cap: float) -> None:
+def test_retry_after_is_honoured_up_to_the_cap(
+    ids: list[str], k: int, retry_after: float, cap: float
+) -> None:
     """After a transient error carrying retry_after, the client sleeps min(retry_after, cap) before resending."""
     mask = {(i, "m"): Fate(transient=k) for i in ids}
     slept: list[float] = []
@@ -178,7 +196,9 @@ def test_without_retry_after_backoff_is_jittered_exponential_and_capped(
     mask = {(i, "m"): Fate(transient=k) for i in ids}
     slept: list[float] = []
     backoff = Backoff(base=base, cap=1.0, max_attempts=k + 1)
-    embed_resiliently(ids, ids, MaskedCall(mask, "m"), backoff=backoff, sleep=slept.append, rng=random.Random(seed))
+    embed_resiliently(
+        ids, ids, MaskedCall(mask, "m"), backoff=backoff, sleep=slept.append, rng=random.Random(seed)
+    )
     assert len(slept) == k
     for attempt, delay in enumerate(slept):
         assert 0 <= delay <= min(1.0, base * 2**attempt)
@@ -191,7 +211,9 @@ def test_exhausted_retries_give_transient_exhausted_failures_for_the_whole_reque
     """A request still failing transiently after max_attempts fails every input in it as transient_exhausted."""
     mask = {(ids[0], "m"): Fate(transient=attempts)}
     slept: list[float] = []
-    out = embed_resiliently(ids, ids, MaskedCall(mask, "m"), backoff=Backoff(max_attempts=attempts), sleep=slept.append)
+    out = embed_resiliently(
+        ids, ids, MaskedCall(mask, "m"), backoff=Backoff(max_attempts=attempts), sleep=slept.append
+    )
     assert out.ids == []
     assert sorted(f.chunk_id for f in out.failures) == sorted(ids)
     assert {f.kind for f in out.failures} == {"transient_exhausted"}

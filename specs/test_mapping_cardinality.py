@@ -68,7 +68,9 @@ def test_chunk_granularity_maps_one_instance_per_chunk_and_model(run_dag, words,
 @dag_runs
 @given(words=st.lists(st.integers(min_value=1, max_value=15), min_size=1, max_size=3),
        batch_size=st.integers(min_value=2, max_value=5), models=model_sets)  # fmt: skip
-@example(words=[10, 10], batch_size=3, models=MODELS).via("4 chunks in batches of 3: the last batch is partial")
+@example(words=[10, 10], batch_size=3, models=MODELS).via(
+    "4 chunks in batches of 3: the last batch is partial"
+)
 def test_batch_granularity_maps_one_instance_per_batch_and_model(run_dag, words, batch_size, models):
     """granularity=batch with only the count limit binding: ceil(chunks / batch_size) batches × models."""
     corpus = corpus_of(words)

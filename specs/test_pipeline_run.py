@@ -85,7 +85,13 @@ def base(shared_run):
 def rerun(shared_run, base):
     """The same corpus again, into the base run's store, in batches of 1."""
     return shared_run(
-        "rerun", hostile_corpus, models=MODELS, batch_size=1, store_uri=base["store"]["uri"], **CHUNKING, **FAULTS
+        "rerun",
+        hostile_corpus,
+        models=MODELS,
+        batch_size=1,
+        store_uri=base["store"]["uri"],
+        **CHUNKING,
+        **FAULTS,
     )
 
 
@@ -185,7 +191,12 @@ def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -221,7 +232,6 @@ def test_cli_invalid_option_is_a_one_line_error(tmp_path, option, value, phrase)
 def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_template_db):
     """A CLI run (its own Airflow home, copied from the template DB) prints the summary and writes the report."""
     import json
-
     from importlib.metadata import version
 
     home = tmp_path / "home"

@@ -29,7 +29,9 @@ BAD_VALUES: dict[str, list[Any]] = {
     "backoff_seconds": [-1, "slow"],
     "compare_max_chunks": [1, 0],
 }
-bad_settings = st.sampled_from(sorted(BAD_VALUES)).flatmap(lambda k: st.tuples(st.just(k), st.sampled_from(BAD_VALUES[k])))
+bad_settings = st.sampled_from(sorted(BAD_VALUES)).flatmap(
+    lambda k: st.tuples(st.just(k), st.sampled_from(BAD_VALUES[k]))
+)
 
 
 @given(bad_settings)
@@ -81,7 +83,10 @@ def valid_params(draw: st.DrawFn) -> dict[str, Any]:
         "work_dir": "/tmp/work",
     }
     keep = draw(st.sets(st.sampled_from(sorted(params)))) | {"corpus_dir"}
-    if keep & {"chunk_overlap", "chunk_tokens"}:  # drawn together: the default overlap may not fit a small budget
+    if keep & {
+        "chunk_overlap",
+        "chunk_tokens",
+    }:  # drawn together: the default overlap may not fit a small budget
         keep |= {"chunk_overlap", "chunk_tokens"}
     return {k: v for k, v in params.items() if k in keep}
 
@@ -104,7 +109,9 @@ def test_valid_params_are_converted_to_typed_values(params: dict[str, Any]) -> N
 
 def test_none_means_the_default() -> None:
     """A param left as None (unset in the trigger form) takes the default."""
-    assert Settings.from_params({"corpus_dir": "c", "batch_size": None}).batch_size == Settings("c").batch_size
+    assert (
+        Settings.from_params({"corpus_dir": "c", "batch_size": None}).batch_size == Settings("c").batch_size
+    )
 
 
 def test_the_store_defaults_to_the_work_dir() -> None:

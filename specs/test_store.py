@@ -15,7 +15,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from pipeline import store
 from pipeline.chunking import Chunk, chunk_id
 
-
 MODELS = ("hash-words-256", "m/odd name")  # the second one needs table-name escaping
 DIM = 4
 POOL = [Chunk(chunk_id("doc.txt", i, f"text {i}"), "doc.txt", i, f"text {i}", 2) for i in range(12)]
@@ -68,7 +67,9 @@ class IdempotentUpserts(RuleBasedStateMachine):
         if succeeded:
             self.upsert(model, succeeded)
         else:
-            assert store.upsert(self.uri, model, [], np.zeros((0, DIM), np.float32)) == store.UpsertResult(0, 0)
+            assert store.upsert(self.uri, model, [], np.zeros((0, DIM), np.float32)) == store.UpsertResult(
+                0, 0
+            )
 
     @invariant()
     def store_is_the_union_of_successful_pairs_without_duplicates(self) -> None:
@@ -98,7 +99,9 @@ def test_the_latest_upsert_wins(tmp_path) -> None:
     rows = store.connect(uri).open_table(store.table_name("m")).to_arrow().to_pylist()
     by_id = {r["id"]: r["vector"] for r in rows}
     assert len(rows) == 2
-    assert by_id[POOL[0].id] == pytest.approx([0, 2, 1, -1]) and by_id[POOL[1].id] == pytest.approx([1, 1, 1, -1])
+    assert by_id[POOL[0].id] == pytest.approx([0, 2, 1, -1]) and by_id[POOL[1].id] == pytest.approx(
+        [1, 1, 1, -1]
+    )
 
 
 def test_a_model_without_a_table_has_no_vectors(tmp_path) -> None:

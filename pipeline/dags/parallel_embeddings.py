@@ -98,7 +98,6 @@ def parallel_embeddings():
     @task(map_index_template="{{ map_label }}", pool=EMBED_POOL)
     def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
-
         from pipeline.embedders import EmbeddingConfigError
 
         set_map_label(f"batch {batch['index'] + 1}/{batch['of']} · {model}")
@@ -137,7 +136,11 @@ def parallel_embeddings():
         from pipeline import steps
         from pipeline.compat import AIRFLOW_VERSION
 
-        run = {"run_id": get_current_context()["run_id"], "state": "running", "airflow_version": AIRFLOW_VERSION}
+        run = {
+            "run_id": get_current_context()["run_id"],
+            "state": "running",
+            "airflow_version": AIRFLOW_VERSION,
+        }
         report = steps.write_report(
             _settings(settings), run, documents, chunk_set, plan or [], summary, stored, comparison
         )
