@@ -24,6 +24,7 @@ OPTIONS = {
     "max_batch_tokens": "max_batch_tokens",
     "chunk_tokens": "chunk_tokens",
     "chunk_overlap": "chunk_overlap",
+    "max_document_bytes": "max_document_bytes",
     "fail_rate": "fail_rate",
     "transient_rate": "transient_rate",
     "fail_seed": "fail_seed",
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch-tokens", type=int, help="tokens per batch at most (default 8192)")
     run.add_argument("--chunk-tokens", type=int, help="tokens per chunk at most (default 200)")
     run.add_argument("--chunk-overlap", type=int, help="tokens repeated between chunks (default 20)")
+    run.add_argument("--max-document-bytes", type=int, help="larger files are rejected (default 10 MiB)")
     run.add_argument("--fail-rate", type=float, help="inject permanent failures in this share of pairs")
     run.add_argument("--transient-rate", type=float, help="inject transient failures in this share of pairs")
     run.add_argument("--fail-seed", type=int, help="seed of the injected failures (default 0)")

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pipeline import EMBED_POOL
 from pipeline.batching import map_batches
 from pipeline.compat import AirflowFailException, Param, dag, get_current_context, set_map_label, task
+from pipeline.corpus import DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
 from pipeline.settings import GRANULARITIES, Settings
 
@@ -36,6 +37,9 @@ PARAMS = {
     "max_batch_tokens": Param(8192, type="integer", minimum=1, description="Tokens per batch (request) at most"),
     "chunk_tokens": Param(200, type="integer", minimum=1, description="Tokens per chunk at most"),
     "chunk_overlap": Param(20, type="integer", minimum=0, description="Tokens repeated between chunks"),
+    "max_document_bytes": Param(
+        DEFAULT_MAX_DOCUMENT_BYTES, type="integer", minimum=1, description="Larger files are rejected, unread"
+    ),
     "fail_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected permanent failures"),
     "transient_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected transient failures"),
     "fail_seed": Param(0, type="integer", description="Seed of the injected failure set"),
