@@ -90,7 +90,9 @@ class Partial:
     models: Mapping[str, ModelTotals] = field(default_factory=dict)
     failures: tuple[tuple[str, str, str, str], ...] = ()  # (chunk_id, model, kind, error)
     keys: frozenset[tuple[int, str]] = frozenset()  # (batch, model) seen
-    vectors: tuple[tuple[str, int, str], ...] = ()  # (model, batch, uri) of staged vectors
+    vectors: tuple[
+        tuple[str, int, str], ...
+    ] = ()  # (model, batch, path in the run directory) of staged vectors
 
     @classmethod
     def of(cls, result: Mapping[str, Any]) -> Partial:
@@ -182,5 +184,5 @@ def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Seque
         "failures": [{"chunk_id": c, "model": m, "kind": k, "error": e} for c, m, k, e in failures],
         "failures_by_kind": dict(sorted(Counter(k for _, _, k, _ in failures).items())),
         "per_model": per_model,
-        "vectors": [{"model": m, "batch": b, "uri": u} for m, b, u in sorted(partial.vectors)],
+        "vectors": [{"model": m, "batch": b, "path": u} for m, b, u in sorted(partial.vectors)],
     }

@@ -84,10 +84,10 @@ def embed_batch(
     )
     failures += [[f.chunk_id, f.kind, f.error] for f in outcome.failures]
     vectors = outcome.matrix(embedder.dim)
-    uri = None
+    staged = None  # relative to the run directory: XCom stays small (goal: <= 512 B per chunk x model pair)
     if outcome.ids:
-        uri = f"{directory}/vectors/{store.table_name(model)}/{batch['index']:06d}.npz"
-        staging.write_vectors(uri, outcome.ids, vectors)
+        staged = f"vectors/{store.table_name(model)}/{batch['index']:06d}.npz"
+        staging.write_vectors(f"{directory}/{staged}", outcome.ids, vectors)
     log.info(
         "batch %d (%d chunks) x %s: %d ok, %d failed, %d calls",
         batch["index"], len(chunks), model, len(outcome.ids), len(failures), outcome.calls,
@@ -103,7 +103,7 @@ def embed_batch(
         "calls": outcome.calls,
         "dim": embedder.dim,
         "norms": aggregate.NormStats.of(vectors).as_list() if outcome.ids else None,
-        "vectors": uri,
+        "vectors": staged,
     }
 
 
@@ -121,14 +121,14 @@ def aggregate_results(
     return summary
 
 
-def _staged_vectors(summary: Mapping[str, Any], model: str) -> tuple[list[str], Any]:
+def _staged_vectors(directory: str, summary: Mapping[str, Any], model: str) -> tuple[list[str], Any]:
     import numpy as np
 
     ids: list[str] = []
     blocks = []
     for entry in summary["vectors"]:
         if entry["model"] == model:
-            batch_ids, vectors = staging.read_vectors(entry["uri"])
+            batch_ids, vectors = staging.read_vectors(f"{directory}/{entry['path']}")
             ids += batch_ids
             blocks.append(vectors)
     dim = summary["per_model"][model]["dim"] or 0
@@ -136,12 +136,16 @@ def _staged_vectors(summary: Mapping[str, Any], model: str) -> tuple[list[str], 
 
 
 def upsert_vectors(
-    settings: Settings, chunk_set: Mapping[str, Any], summary: Mapping[str, Any], models: Sequence[str]
+    settings: Settings,
+    chunk_set: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    models: Sequence[str],
+    directory: str,
 ) -> dict[str, Any]:
     by_id = {c.id: c for c in staging.read_chunks(chunk_set)}
     inserted = updated = 0
     for model in models:
-        ids, vectors = _staged_vectors(summary, model)
+        ids, vectors = _staged_vectors(directory, summary, model)
         result = store.upsert(settings.store_uri, model, [by_id[i] for i in ids], vectors)
         inserted += result.inserted
         updated += result.updated
@@ -157,9 +161,9 @@ def upsert_vectors(
 
 
 def compare_models(
-    settings: Settings, summary: Mapping[str, Any], models: Sequence[str]
+    settings: Settings, summary: Mapping[str, Any], models: Sequence[str], directory: str
 ) -> list[dict[str, Any]]:
-    loaded = {m: _staged_vectors(summary, m) for m in models}
+    loaded = {m: _staged_vectors(directory, summary, m) for m in models}
     return [
         {"models": [a, b]} | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
         for a, b in itertools.combinations(models, 2)

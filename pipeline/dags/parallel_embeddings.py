@@ -129,13 +129,15 @@ def parallel_embeddings():
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
         from pipeline import steps
 
-        return steps.upsert_vectors(_settings(settings), chunk_set, summary, models)
+        s = _settings(settings)
+        return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s))
 
     @task
     def compare_models(settings: dict, summary: dict, models: list) -> list:
         from pipeline import steps
 
-        return steps.compare_models(_settings(settings), summary, models)
+        s = _settings(settings)
+        return steps.compare_models(s, summary, models, _run_dir(s))
 
     @task(multiple_outputs=False)
     def write_report(settings, documents, chunk_set, plan, summary, stored, comparison) -> dict:
