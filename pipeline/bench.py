@@ -57,20 +57,6 @@ def raw_rate(chunks: list[Chunk], model: str, batch_size: int, repeat: int) -> f
     return len(chunks) / median_time(loop, repeat)
 
 
-def xcom_bytes(run_id: str, task_id: str | None = None) -> int:
-    """Bytes of XCom values a run stored (optionally of one task), read from the metadata DB."""
-    from airflow.utils.session import create_session
-    from sqlalchemy import text
-
-    query = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
-    args = {"dag": "parallel_embeddings", "run": run_id}
-    if task_id:
-        query += " AND task_id = :task"
-        args["task"] = task_id
-    with create_session() as session:
-        return int(session.execute(text(query), args).scalar())
-
-
 def parse_seconds(repeat: int = 3) -> float:
     """DagBag fill time of the DAG file, beyond ``import airflow`` (fresh process each time, median)."""
     code = (
@@ -175,7 +161,6 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
     raw_small_seconds = len(small_chunks) / raw_rate(small_chunks, model, 1, repeat=3)
     batched_rate = len(chunks) / batched_wall
     per_chunk_rate = len(small_chunks) / per_chunk_wall
-    pairs = batched["embeddings"]["expected"]
     sweep = [{"batch_size": 1, "granularity": "chunk", "chunks_per_s": per_chunk_rate}]
     for size in (32, 128) if quick else (4, 16, 32, 64, 256):
         wall, report = (
@@ -205,10 +190,9 @@ def run_bench(*, quick: bool, model: str, work: Path, corpus_dir: str | None) ->
         "batched_wall_s": batched_wall,
         "per_chunk_wall_s": per_chunk_wall,
         "parse_seconds": parse_seconds(),
-        "xcom_bytes_per_pair": xcom_bytes(batched["dag_run"]["run_id"]) / pairs,
-        "xcom_bytes_per_pair_embed_only": xcom_bytes(batched["dag_run"]["run_id"], "embed_batch") / pairs,
-        "xcom_bytes_per_pair_per_chunk_run": xcom_bytes(per_chunk["dag_run"]["run_id"])
-        / per_chunk["embeddings"]["expected"],
+        "xcom_bytes_per_pair": batched["xcom"]["bytes_per_pair"],
+        "xcom_bytes_per_pair_embed_only": batched["xcom"]["embed_bytes_per_pair"],
+        "xcom_bytes_per_pair_per_chunk_run": per_chunk["xcom"]["bytes_per_pair"],
         "sweep": sweep,
         "scaling": scaling((1_000, 10_000) if quick else (1_000, 10_000, 100_000)),
     }

@@ -143,9 +143,30 @@ def finalize_report(
     report["mapped_task_instances"] = len(mapped)
     report["mapped_task_states"] = _count(t["state"] for t in mapped)
     report["wall_seconds"] = round(wall, 3)
+    pairs = max(1, report["embeddings"]["expected"])
+    total, embed = xcom_bytes(run_id), xcom_bytes(run_id, EMBED_TASK)
+    report["xcom"] = {
+        "bytes": total,
+        "bytes_per_pair": round(total / pairs, 1),
+        "embed_bytes_per_pair": round(embed / pairs, 1),
+    }
     report.update(extra)
     report_path.write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def xcom_bytes(run_id: str, task_id: str | None = None) -> int:
+    """Bytes of XCom values a run stored (optionally of one task), read from the metadata DB."""
+    from airflow.utils.session import create_session
+    from sqlalchemy import text
+
+    query = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+    args = {"dag": DAG_ID, "run": run_id}
+    if task_id:
+        query += " AND task_id = :task"
+        args["task"] = task_id
+    with create_session() as session:
+        return int(session.execute(text(query), args).scalar())
 
 
 def ensure_pool(slots: int | None = None) -> None:

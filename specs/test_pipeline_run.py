@@ -184,6 +184,16 @@ def test_transient_failures_are_recovered(run_dag):
     assert mapped and {t["state"] for t in mapped} == {"success"}
 
 
+def test_vectors_never_travel_through_xcom(run_dag):
+    """Even with one mapped task per chunk, a run stores at most 512 B of XCom per chunk x model pair (read from the DB)."""
+    corpus = {f"d{i}.txt": f"Paragraph {i} has a few words. " * 4 for i in range(25)}
+    report = run_dag(corpus, models=MODELS, granularity="chunk", chunk_tokens=200, chunk_overlap=0)
+    pairs = report["embeddings"]["expected"]
+    assert pairs == report["chunks"] * len(MODELS) >= 50
+    assert report["xcom"]["bytes"] > 0
+    assert report["xcom"]["embed_bytes_per_pair"] <= report["xcom"]["bytes_per_pair"] <= 512
+
+
 # --- the command line ---------------------------------------------------------------------------------------
 
 
