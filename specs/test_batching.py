@@ -153,3 +153,11 @@ def test_no_models_is_a_plan_error_asking_for_models() -> None:
     """fan_out 0 (no model) cannot be planned: the error says to pass --models."""
     with pytest.raises(PlanError, match="--models"):
         plan_within_map_length([1], batch_size=1, max_tokens=None, fan_out=0, max_map_length=10)
+
+
+def test_a_100k_chunk_corpus_plans_within_max_map_length():
+    """100,000 chunks x 2 models plan into at most max_map_length mapped task instances, every chunk once."""
+    tokens = [20 + (i * 7919) % 180 for i in range(100_000)]
+    plan = plan_within_map_length(tokens, batch_size=32, max_tokens=100_000, fan_out=2, max_map_length=1024)
+    assert len(plan) * 2 <= 1024
+    assert [b.start for b in plan] == [0, *(b.stop for b in plan[:-1])] and plan[-1].stop == 100_000
