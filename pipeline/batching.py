@@ -136,17 +136,20 @@ def map_batches(
     def plan(
         items: dict, batch_size: int, max_tokens: int | None, grow: bool, fan_out: list | None
     ) -> list[dict]:
-        from pipeline.compat import max_map_length
+        from pipeline.compat import AirflowFailException, max_map_length
         from pipeline.staging import read_token_counts
 
-        batches = plan_within_map_length(
-            read_token_counts(items),
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            fan_out=len(fan_out) if fan_out is not None else 1,
-            max_map_length=max_map_length(),
-            grow=grow,
-        )
+        try:
+            batches = plan_within_map_length(
+                read_token_counts(items),
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                fan_out=len(fan_out) if fan_out is not None else 1,
+                max_map_length=max_map_length(),
+                grow=grow,
+            )
+        except PlanError as exc:  # the same data would fail again: no retries
+            raise AirflowFailException(str(exc)) from None
         return [b.as_dict() | {"of": len(batches)} for b in batches]
 
     batches = plan(items, batch_size, max_tokens, grow, fan_out)

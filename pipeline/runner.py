@@ -136,6 +136,10 @@ def finalize_report(
     report_path = Path(conf["report_path"])
     if state != "success" or not report_path.exists():
         reasons = ", ".join(f"{t['task_id']} {t['state']}" for t in failed) or "no report written"
+        why = Path(f"{report_path}.failed.json")
+        if why.exists():
+            failure = json.loads(why.read_text())
+            reasons = f"{failure['task_id']}: {failure['error']}"
         raise RunError(f"DAG run {run_id} ended {state}: {reasons}")
     report = json.loads(report_path.read_text())
     mapped = [t for t in tis if t["task_id"] == EMBED_TASK and t["map_index"] >= 0]

@@ -16,7 +16,7 @@ class SettingsError(ValueError):
 
 
 GRANULARITIES = ("batch", "chunk")
-DERIVED = ("effective_batch_size",)
+DERIVED = ("effective_batch_size", "batches_may_grow")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ class Settings:
     @property
     def fault_plan(self) -> FaultPlan:
         return FaultPlan(self.fail_rate, self.transient_rate, self.fail_seed)
+
+    @property
+    def batches_may_grow(self) -> bool:
+        """Batch granularity may grow batches to fit max_map_length; chunk granularity must stay one per chunk."""
+        return self.granularity == "batch"
 
     @property
     def effective_batch_size(self) -> int:

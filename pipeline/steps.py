@@ -170,6 +170,20 @@ def compare_models(
     ]
 
 
+def report_path(path: str, work_dir: str, run_id: str) -> str:
+    return path or os.path.join(work_dir, "reports", f"{run_id}.json")
+
+
+def record_failure(params: Mapping[str, Any], run_id: str, task_id: str, error: BaseException | None) -> str:
+    """Write why a task failed for good next to the report (``<report>.failed.json``), so a CLI can say why."""
+    path = report_path(str(params.get("report_path") or ""), str(params.get("work_dir") or "work"), run_id)
+    path = os.path.abspath(path) + ".failed.json"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"run_id": run_id, "task_id": task_id, "error": str(error) or repr(error)}, f)
+    return path
+
+
 def write_report(
     settings: Settings,
     run: Mapping[str, Any],
@@ -203,7 +217,7 @@ def write_report(
         "comparison": list(comparison),
         "store": dict(stored),
     }
-    path = settings.report_path or os.path.join(settings.work_dir, "reports", f"{run['run_id']}.json")
+    path = report_path(settings.report_path, settings.work_dir, run["run_id"])
     report["report_path"] = path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

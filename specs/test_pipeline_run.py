@@ -197,8 +197,8 @@ def test_vectors_never_travel_through_xcom(run_dag):
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+def cli(*args: str, cwd: Path, timeout: float = 60, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")} | env_extra
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
@@ -265,3 +265,25 @@ def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_temp
     assert written["mapped_task_instances"] == 1
     assert written["store"]["vectors"] == 1
     assert Path(written["store"]["uri"]).parent == tmp_path / "work"
+
+
+def test_cli_run_over_max_map_length_fails_with_the_reason_and_the_fix(tmp_path, airflow_template_db):
+    """Per-chunk mapping beyond [core] max_map_length fails the run (no retries); the last line names limit and fix."""
+    from importlib.metadata import version
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(airflow_template_db, home / "airflow.db")
+    (home / ".migrated").write_text(version("apache-airflow"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "doc.txt").write_text(" ".join(f"w{i}." for i in range(60)))
+    done = cli(
+        "run", "corpus", "--granularity", "chunk", "--chunk-tokens", "10", "--chunk-overlap", "0",
+        "--models", "hash-words-256", "--airflow-home", str(home), "--work-dir", "work", "--report", "r.json",
+        cwd=tmp_path, timeout=600, AIRFLOW__CORE__MAX_MAP_LENGTH="5",
+    )  # fmt: skip
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "plan_batches" in last
+    assert "max_map_length=5" in last and "--granularity batch" in last
+    assert not (tmp_path / "r.json").exists()

@@ -59,6 +59,14 @@ def _settings(raw: dict) -> Settings:
         raise AirflowFailException(str(exc)) from None
 
 
+def _record_failure(context: dict) -> None:
+    """on_failure_callback: leave the final error next to the report, for the CLI's one-line message."""
+    from pipeline.steps import record_failure
+
+    ti = context["ti"]
+    record_failure(context["params"], context["run_id"], ti.task_id, context.get("exception"))
+
+
 def _run_dir(settings: Settings) -> str:
     from pipeline.steps import run_dir
 
@@ -73,7 +81,7 @@ def _run_dir(settings: Settings) -> str:
     params=PARAMS,
     tags=["embeddings", "dynamic-task-mapping", "example"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=2)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=2), "on_failure_callback": _record_failure},
     max_active_runs=1,
 )
 def parallel_embeddings():
@@ -163,6 +171,7 @@ def parallel_embeddings():
         chunk_set,
         batch_size=settings["effective_batch_size"],
         max_tokens=settings["max_batch_tokens"],
+        grow=settings["batches_may_grow"],
         model=models,
     )
     summary = aggregate_results(chunk_set, plan, models, results)
