@@ -10,7 +10,11 @@ AIRFLOW_3 = int(AIRFLOW_VERSION.split(".")[0]) >= 3
 
 if AIRFLOW_3:
     from airflow.sdk import ObjectStoragePath, Param, dag, get_current_context, task
-    from airflow.sdk.exceptions import AirflowFailException
+
+    try:  # 3.2+; 3.0 and 3.1 keep it in airflow.exceptions (deprecated there from 3.2 on)
+        from airflow.sdk.exceptions import AirflowFailException
+    except ImportError:
+        from airflow.exceptions import AirflowFailException
 else:  # Airflow 2.10 / 2.11
     from airflow.decorators import dag, task
     from airflow.exceptions import AirflowFailException
