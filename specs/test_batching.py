@@ -161,3 +161,7 @@ def test_a_100k_chunk_corpus_plans_within_max_map_length():
     plan = plan_within_map_length(tokens, batch_size=32, max_tokens=100_000, fan_out=2, max_map_length=1024)
     assert len(plan) * 2 <= 1024
     assert [b.start for b in plan] == [0, *(b.stop for b in plan[:-1])] and plan[-1].stop == 100_000
+    grown = max(b.size for b in plan)
+    assert grown > 32, "the plan had to grow its batches"
+    too_small = plan_batches(tokens, batch_size=grown - 1, max_tokens=100_000)
+    assert len(too_small) * 2 > 1024, "growth stops at the smallest batch size that fits"

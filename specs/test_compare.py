@@ -135,3 +135,26 @@ def test_the_comparison_sample_is_deterministic_sorted_and_bounded(ids: list[str
     picked = sample_ids(ids, limit)
     assert picked == sorted(picked) and len(picked) == min(limit, len(ids)) and set(picked) <= set(ids)
     assert sample_ids(list(reversed(ids)), limit) == picked
+
+
+def _unit(degrees: list[float]) -> np.ndarray:
+    radians = np.radians(degrees)
+    return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+
+def test_knn_jaccard_known_answer_for_swapped_neighbourhoods():
+    """Two models that pair chunks (0,1),(2,3) vs (0,2),(1,3) share no nearest neighbour: Jaccard@1 is 0."""
+    a = _unit([0, 10, 90, 100])
+    b = _unit([0, 90, 10, 100])
+    assert knn_jaccard(a, b, k=1) == 0.0
+    assert knn_jaccard(a, a, k=1) == 1.0
+
+
+@given(
+    hnp.arrays(np.float64, (12, 3), elements=st.floats(0.1, 1.0)),
+    st.lists(st.floats(0.01, 100.0), min_size=12, max_size=12),
+)
+def test_knn_neighbours_are_cosine_so_row_lengths_do_not_matter(x: np.ndarray, scales: list[float]) -> None:
+    """Rescaling each chunk's vector by its own positive factor leaves every cosine neighbourhood unchanged."""
+    scaled = x * np.asarray(scales)[:, None]
+    assert knn_jaccard(x, scaled, k=3) == pytest.approx(1.0)

@@ -1,0 +1,45 @@
+"""Staging: chunk sets and vectors round-trip through files; a task reads exactly its batch's range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import staging
+from pipeline.chunking import Chunk, chunk_id
+
+texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(texts, max_size=12), st.data())
+def test_a_staged_chunk_set_reads_back_any_range_exactly(tmp_path_factory, bodies: list[str], data) -> None:
+    """Any [start, stop) of a staged chunk set reads back exactly those chunks, in order, with their token counts."""
+    chunks = [Chunk(chunk_id(f"d{i}.txt", 0, t), f"d{i}.txt", 0, t, len(t)) for i, t in enumerate(bodies)]
+    ref = staging.write_chunk_set(str(tmp_path_factory.mktemp("set")), chunks)
+    assert ref["count"] == len(chunks) and ref["tokens"] == sum(c.tokens for c in chunks)
+    assert staging.read_token_counts(ref) == [c.tokens for c in chunks]
+    start = data.draw(st.integers(0, len(chunks)))
+    stop = data.draw(st.integers(start, len(chunks)))
+    assert staging.read_chunks(ref, start, stop) == chunks[start:stop]
+    assert staging.read_chunks(ref) == chunks
+
+
+def test_a_range_outside_the_set_is_refused(tmp_path) -> None:
+    """Reading past the end of a chunk set raises instead of returning a short batch."""
+    ref = staging.write_chunk_set(str(tmp_path), [Chunk("a#0:x", "a", 0, "text", 1)])
+    with pytest.raises(IndexError, match="outside a set of 1"):
+        staging.read_chunks(ref, 0, 2)
+
+
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=8, unique=True), st.integers(1, 6))
+def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str], dim: int) -> None:
+    """Vectors staged for a batch read back bit-identical, as float32, with their ids in order."""
+    vectors = np.arange(len(ids) * dim, dtype=np.float32).reshape(len(ids), dim) / 7
+    path = str(tmp_path_factory.mktemp("v") / "vectors" / "m" / "000001.npz")
+    staging.write_vectors(path, ids, vectors)
+    got_ids, got = staging.read_vectors(path)
+    assert got_ids == ids
+    assert got.dtype == np.float32 and np.array_equal(got, vectors)
