@@ -67,12 +67,14 @@ def read_chunks(chunk_set: dict[str, Any], start: int = 0, stop: int | None = No
 def write_vectors(uri: str, ids: list[str], vectors: np.ndarray) -> None:
     path = as_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_npz(path, ids=np.asarray(ids, dtype=str), vectors=np.asarray(vectors, np.float32))
+    # ids as JSON bytes: numpy's str arrays silently drop trailing NULs, and pickled objects are not allowed
+    encoded = np.frombuffer(json.dumps(list(ids)).encode(), np.uint8)
+    _save_npz(path, ids=encoded, vectors=np.asarray(vectors, np.float32))
 
 
 def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
     data = _load_npz(as_path(uri))
-    return data["ids"].tolist(), data["vectors"]
+    return json.loads(data["ids"].tobytes()), data["vectors"]
 
 
 def _save_npz(path: Any, **arrays: np.ndarray) -> None:
