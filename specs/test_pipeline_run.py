@@ -287,3 +287,21 @@ def test_cli_run_over_max_map_length_fails_with_the_reason_and_the_fix(tmp_path,
     assert last.startswith("error: ") and "plan_batches" in last
     assert "max_map_length=5" in last and "--granularity batch" in last
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_mapped_task_instance_that_dies_leaves_its_pairs_failed_by_id(run_dag):
+    """A model whose every task instance fails (no such connection) costs only its own pairs: each is a
+    'task_failed' failure by chunk id, the other model's pairs all succeed, and the run still succeeds."""
+    corpus = {f"d{i}.txt": f"Sentence {i} about things. " * 6 for i in range(4)}
+    report = run_dag(
+        corpus, models=("hash-words-256", "openai:no-such-model@no_such_connection"), batch_size=2
+    )
+    assert report["dag_run"]["state"] == "success"
+    lost = [f for f in report["failures"] if f["model"].startswith("openai:")]
+    assert {f["kind"] for f in lost} == {"task_failed"}
+    assert len(lost) == len({f["chunk_id"] for f in lost}) == report["chunks"]
+    assert report["per_model"]["hash-words-256"]["succeeded"] == report["chunks"]
+    assert (
+        report["embeddings"]["succeeded"] + report["embeddings"]["failed"] == report["embeddings"]["expected"]
+    )
+    assert report["mapped_task_states"].get("failed", 0) == report["batches"]["count"]
