@@ -44,3 +44,17 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     got_ids, got = staging.read_vectors(path)
     assert got_ids == ids
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
+
+
+def test_a_file_url_stages_through_airflows_object_storage_path(tmp_path) -> None:
+    """A ``file://`` work dir goes through Airflow's ObjectStoragePath (as ``s3://`` would) and reads back the same."""
+    from pipeline.compat import ObjectStoragePath
+
+    uri = f"file://{tmp_path}/chunks"
+    assert isinstance(staging.as_path(uri), ObjectStoragePath)
+    chunks = [Chunk(chunk_id("a.txt", i, f"text {i}"), "a.txt", i, f"text {i}", 2) for i in range(3)]
+    ref = staging.write_chunk_set(uri, chunks)
+    assert (tmp_path / "chunks" / "chunks.jsonl").exists()
+    assert staging.read_chunks(ref, 1, 3) == chunks[1:]
+    staging.write_vectors(f"file://{tmp_path}/v/1.npz", ["x", "y"], np.eye(2, dtype=np.float32))
+    assert staging.read_vectors(f"file://{tmp_path}/v/1.npz")[0] == ["x", "y"]
