@@ -113,8 +113,12 @@ def aggregate_results(
     models: Sequence[str],
     results: Iterable[Any],
 ) -> dict[str, Any]:
+    @functools.cache
+    def all_ids() -> list[str]:  # read once, and only if some task instance left no result
+        return [c.id for c in staging.read_chunks(chunk_set)]
+
     def chunk_ids(start: int, stop: int) -> list[str]:
-        return [c.id for c in staging.read_chunks(chunk_set, start, stop)]
+        return all_ids()[start:stop]
 
     summary = aggregate.reconcile(plan, models, list(results), chunk_ids)
     log.info("%(succeeded)d succeeded, %(failed)d failed of %(expected)d expected", summary)
