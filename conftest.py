@@ -36,10 +36,15 @@ settings.register_profile(
 settings.register_profile(
     "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+# Mutation testing runs the pure specs once per mutant: fewer examples, same every time (HYPOTHESIS_PROFILE=mutation).
+settings.register_profile(
+    "mutation", max_examples=20, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Examples per Hypothesis test that runs the real DAG (each one is a full dag.test(), 3–20 s on Airflow 3).
-AIRFLOW_EXAMPLES = {"dev": 2, "ci": 2, "thorough": 8}.get(os.environ.get("HYPOTHESIS_PROFILE", "dev"), 2)
+AIRFLOW_EXAMPLES = {"dev": 2, "ci": 2, "thorough": 8, "mutation": 1}.get(os.environ.get("HYPOTHESIS_PROFILE", "dev"), 2)
 
 
 @contextlib.contextmanager

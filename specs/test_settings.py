@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -117,3 +119,100 @@ def test_none_means_the_default() -> None:
 def test_the_store_defaults_to_the_work_dir() -> None:
     """Without store_uri, vectors go to <work_dir>/store."""
     assert Settings("c", work_dir="/w").store_uri == "/w/store"
+
+
+# The error text users see, per setting: "<name>=<value given>: <what to pass instead>".
+FIXES: dict[str, tuple[Any, str]] = {
+    "corpus_dir": ("", "pass the corpus directory"),
+    "granularity": ("document", "use one of batch, chunk"),
+    "batch_size": (0, "must be >= 1"),
+    "max_batch_tokens": (0, "must be >= 1"),
+    "chunk_tokens": (0, "must be >= 1"),
+    "chunk_overlap": (200, "must be >= 0 and < chunk_tokens"),
+    "max_document_bytes": (0, "must be >= 1"),
+    "max_attempts": (0, "must be >= 1"),
+    "backoff_seconds": (-1.0, "must be >= 0"),
+    "compare_max_chunks": (1, "must be >= 2"),
+    "extensions": ((), "list at least one file extension, e.g. .txt"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXES))
+def test_the_error_shows_the_setting_the_value_given_and_the_fix(name: str) -> None:
+    """An out-of-range setting fails with exactly ``<name>=<value>: <fix>``."""
+    value, fix = FIXES[name]
+    with pytest.raises(SettingsError) as raised:
+        Settings(**({"corpus_dir": "c"} | {name: value}))
+    assert str(raised.value) == f"{name}={value!r}: {fix}"
+
+
+# The smallest value each numeric setting accepts (one below it is refused, by BAD_VALUES / FIXES).
+SMALLEST_ACCEPTED = {
+    "batch_size": 1, "max_batch_tokens": 1, "max_document_bytes": 1, "max_attempts": 1,
+    "backoff_seconds": 0.0, "compare_max_chunks": 2,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SMALLEST_ACCEPTED))
+def test_lower_bounds_are_inclusive(name: str) -> None:
+    """Each numeric setting accepts its documented minimum itself."""
+    assert getattr(Settings("c", **{name: SMALLEST_ACCEPTED[name]}), name) == SMALLEST_ACCEPTED[name]
+
+
+def test_a_one_token_chunk_budget_is_accepted_with_no_overlap() -> None:
+    """chunk_tokens=1 is the smallest budget; the overlap must then be 0."""
+    assert Settings("c", chunk_tokens=1, chunk_overlap=0).chunk_tokens == 1
+
+
+def test_an_unknown_model_error_names_the_models_given() -> None:
+    """A bad model list fails with ``models=<list given>: unknown model(s) ...; known: ...``."""
+    with pytest.raises(SettingsError) as raised:
+        Settings("c", models=("hash-words-256", "gpt-17"))
+    message = str(raised.value)
+    assert message.startswith("models=('hash-words-256', 'gpt-17'): unknown model(s) gpt-17; known: ")
+
+
+def test_models_are_deduplicated_in_order() -> None:
+    """Naming a model twice embeds with it once; the first-mentioned order is kept."""
+    settings = Settings.from_params(
+        {"corpus_dir": "c", "models": "hash-chars-384,hash-words-256,hash-chars-384"}
+    )
+    assert settings.models == ("hash-chars-384", "hash-words-256")
+
+
+def test_unknown_settings_message_lists_them_and_every_known_setting() -> None:
+    """The message is ``unknown setting(s) a, b; known: <every setting, comma-separated>``."""
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_params({"corpus_dir": "c", "zeta": 1, "alpha": 2})
+    known = ", ".join(f.name for f in dataclasses.fields(Settings))
+    assert str(raised.value) == f"unknown setting(s) alpha, zeta; known: {known}"
+
+
+def test_a_none_param_does_not_stop_the_ones_after_it() -> None:
+    """Params after an unset (None) one still apply."""
+    settings = Settings.from_params(
+        {"corpus_dir": "c", "batch_size": None, "chunk_tokens": 50, "chunk_overlap": 5}
+    )
+    assert (settings.batch_size, settings.chunk_tokens, settings.chunk_overlap) == (32, 50, 5)
+
+
+@pytest.mark.parametrize("name", ["fail_rate", "transient_rate", "backoff_seconds"])
+def test_fractional_settings_accept_numeric_strings(name: str) -> None:
+    """Rates and the backoff given as strings (the trigger form's text fields) become floats."""
+    settings = Settings.from_params({"corpus_dir": "c", name: "0.25"})
+    assert getattr(settings, name) == 0.25 and isinstance(getattr(settings, name), float)
+
+
+@pytest.mark.parametrize("name", ["corpus_dir", "work_dir", "store_uri", "report_path"])
+def test_local_paths_become_absolute_and_uris_stay_as_given(name: str, tmp_path, monkeypatch) -> None:
+    """Tasks may run in another working directory, so relative paths are resolved once; URIs are kept."""
+    monkeypatch.chdir(tmp_path)
+    assert getattr(Settings(**({"corpus_dir": "c"} | {name: "rel/x"})), name) == str(tmp_path / "rel" / "x")
+    assert getattr(Settings(**({"corpus_dir": "c"} | {name: "s3://bucket/x"})), name) == "s3://bucket/x"
+
+
+@given(valid_params())
+def test_as_dict_survives_a_json_round_trip_unchanged(params: dict[str, Any]) -> None:
+    """as_dict() is plain JSON (lists, not tuples): what the report stores is what from_params gets back."""
+    plain = Settings.from_params(params).as_dict()
+    assert json.loads(json.dumps(plain)) == plain
