@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,7 +45,9 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Examples per Hypothesis test that runs the real DAG (each one is a full dag.test(), 3–20 s on Airflow 3).
-AIRFLOW_EXAMPLES = {"dev": 2, "ci": 2, "thorough": 8, "mutation": 1}.get(os.environ.get("HYPOTHESIS_PROFILE", "dev"), 2)
+AIRFLOW_EXAMPLES = {"dev": 2, "ci": 2, "thorough": 8, "mutation": 1}.get(
+    os.environ.get("HYPOTHESIS_PROFILE", "dev"), 2
+)
 
 
 @contextlib.contextmanager
@@ -91,6 +94,11 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     session_dir = _session_dir(config)
     home = session_dir / worker / "airflow-home"
+    known = Path(os.environ.get("AIRFLOW_HOME", "."))
+    if "airflow" in sys.modules and known.parent.parent.name.startswith("pe-specs-"):
+        # A second pytest session in this process (mutmut runs pytest in-process): Airflow read its config at
+        # its first import, so the home of the first session stays this process's home, made afresh.
+        home, session_dir = known, known.parent.parent
     shutil.rmtree(home, ignore_errors=True)
     config._pe_session_dir = session_dir  # type: ignore[attr-defined]
     config._pe_home = runner.use_airflow_home(home, template_db=str(template_db()))  # type: ignore[attr-defined]

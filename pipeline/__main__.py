@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
     bench.add_argument("--json", help="also write the figures as JSON here")
     bench.add_argument(
-        "--model", default="hash-words-256", help="embedder to measure (default hash-words-256)"
+        "--model",
+        action="append",
+        help="embedder to measure, repeatable (default: hash-words-256; the full run adds minilm if installed)",
     )
     bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
     bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")

@@ -136,7 +136,7 @@ def map_batches(
     def plan(
         items: dict, batch_size: int, max_tokens: int | None, grow: bool, fan_out: list | None
     ) -> list[dict]:
-        from pipeline.compat import AirflowFailException, max_map_length
+        from pipeline.compat import fail_task, max_map_length
         from pipeline.staging import read_token_counts
 
         try:
@@ -149,7 +149,7 @@ def map_batches(
                 grow=grow,
             )
         except PlanError as exc:  # the same data would fail again: no retries
-            raise AirflowFailException(str(exc)) from None
+            fail_task(str(exc))
         return [b.as_dict() | {"of": len(batches)} for b in batches]
 
     batches = plan(items, batch_size, max_tokens, grow, fan_out)

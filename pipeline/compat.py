@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow import __version__ as AIRFLOW_VERSION
 
@@ -29,6 +29,8 @@ __all__ = [
     "ObjectStoragePath",
     "Param",
     "dag",
+    "fail_task",
+    "failure_of",
     "get_connection",
     "get_current_context",
     "max_map_length",
@@ -52,8 +54,31 @@ def set_map_label(label: str) -> None:
 
 def get_connection(conn_id: str) -> Any:
     """The Airflow Connection ``conn_id`` (env vars, secrets backends, DB); its password is masked in logs."""
-    if AIRFLOW_3:
+    try:  # 3.1+
         from airflow.sdk import BaseHook
-    else:
+    except ImportError:  # 2.x and 3.0
         from airflow.hooks.base import BaseHook
     return BaseHook.get_connection(conn_id)
+
+
+# Airflow 3.0 passes no "exception" to task failure callbacks (2.x and 3.1+ do), so the errors this project
+# raises on purpose are also kept here, per task instance, for the callback to read (see failure_of).
+_raised: dict[tuple[str, str, int], AirflowFailException] = {}
+
+
+def _ti_key(context: Any) -> tuple[str, str, int]:
+    ti = context["ti"]
+    return context["run_id"], ti.task_id, getattr(ti, "map_index", -1)
+
+
+def fail_task(message: str) -> NoReturn:
+    """Fail the running task for good (no retries): the same input would fail again. ``message`` says why."""
+    error = AirflowFailException(message)
+    error.__suppress_context__ = True  # the message already says what went wrong
+    _raised[_ti_key(get_current_context())] = error  # noqa: AIR301 - airflow.sdk's on Airflow 3
+    raise error
+
+
+def failure_of(context: Any) -> BaseException | None:
+    """The exception a task failed with, in its on_failure_callback, on every supported Airflow."""
+    return context.get("exception") or _raised.pop(_ti_key(context), None)

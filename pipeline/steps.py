@@ -184,7 +184,8 @@ def record_failure(params: Mapping[str, Any], run_id: str, task_id: str, error: 
     path = os.path.abspath(path) + ".failed.json"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"run_id": run_id, "task_id": task_id, "error": str(error) or repr(error)}, f)
+        why = "no exception reached the failure callback; see the task log" if error is None else str(error)
+        json.dump({"run_id": run_id, "task_id": task_id, "error": why or repr(error)}, f)
     return path
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 
 from pipeline import EMBED_POOL
 from pipeline.batching import map_batches
-from pipeline.compat import AirflowFailException, Param, dag, get_current_context, set_map_label, task
+from pipeline.compat import Param, dag, fail_task, failure_of, get_current_context, set_map_label, task
 from pipeline.corpus import DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
 from pipeline.settings import GRANULARITIES, Settings
@@ -56,7 +56,7 @@ def _settings(raw: dict) -> Settings:
     try:
         return Settings.from_params(raw)
     except SettingsError as exc:
-        raise AirflowFailException(str(exc)) from None
+        fail_task(str(exc))
 
 
 def _record_failure(context: dict) -> None:
@@ -64,7 +64,7 @@ def _record_failure(context: dict) -> None:
     from pipeline.steps import record_failure
 
     ti = context["ti"]
-    record_failure(context["params"], context["run_id"], ti.task_id, context.get("exception"))
+    record_failure(context["params"], context["run_id"], ti.task_id, failure_of(context))
 
 
 def _run_dir(settings: Settings) -> str:
@@ -119,7 +119,7 @@ def parallel_embeddings():
         try:
             return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
         except EmbeddingConfigError as exc:  # bad credentials or endpoint: retrying cannot help
-            raise AirflowFailException(str(exc)) from None
+            fail_task(str(exc))
 
     @task(trigger_rule="all_done", multiple_outputs=False)
     def aggregate_results(chunk_set: dict, plan: list, models: list, results) -> dict:
