@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import string
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from pipeline.chunking import TOKEN
 from pipeline.embedders import (
     DEFAULT_MODELS,
     KNOWN_MODELS,
     MODEL_PREFIXES,
+    Embedder,
     InputRejectedError,
+    TransientEmbeddingError,
     UnknownModelError,
     get_embedder,
     validate_models,
@@ -130,3 +135,99 @@ def test_ascii_case_does_not_change_the_vector(model: str, text: str) -> None:
     """Both hashing models lowercase their features: "Apple" and "apple" embed the same."""
     embedder = get_embedder(model)
     assert np.array_equal(embedder.embed([text]), embedder.embed([text.swapcase()]))
+
+
+# --- the hashing embedders, stated as a plain-Python reference -----------------------------------------------
+# Stored vectors must stay comparable across releases, so the hashing models are frozen: this is their
+# definition, written without numpy; the embedders must agree with it on any text.
+
+
+def signed_hash_counts(features: list[str], dim: int) -> list[float]:
+    """Each feature adds +1 or -1 (top bit of its CRC32) to bucket CRC32 mod dim; the sum is L2-normalised."""
+    buckets = [0.0] * dim
+    for feature in features:
+        crc = zlib.crc32(feature.encode())
+        buckets[crc % dim] += -1.0 if crc >> 31 else 1.0
+    norm = math.sqrt(sum(x * x for x in buckets))
+    return [x / norm for x in buckets] if norm else buckets
+
+
+def word_features(text: str) -> list[str]:
+    """hash-words-256 features: lower-cased word tokens and each pair of neighbouring tokens."""
+    words = [w.lower() for w in TOKEN.findall(text)]
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+
+
+def char_features(text: str) -> list[str]:
+    """hash-chars-384 features: the 3-, 4- and 5-grams of the lower-cased text, whitespace runs as one space,
+    padded with a space at each end."""
+    padded = " " + " ".join(text.lower().split()) + " "
+    return [padded[i : i + n] for n in (3, 4, 5) for i in range(len(padded) - n + 1)]
+
+
+REFERENCE = {"hash-words-256": (word_features, 256), "hash-chars-384": (char_features, 384)}
+
+
+@given(st.sampled_from(sorted(REFERENCE)), nonblank_texts())
+@example("hash-words-256", "Hello HELLO world").via("case folds to lower, repeated words add up")
+@example("hash-chars-384", "Ab").via("shorter than a 4-gram once padded")
+def test_hashing_models_equal_their_reference_definition(model: str, text: str) -> None:
+    """hash-words-256 / hash-chars-384 = L2-normalised signed CRC32 feature hashing of their features."""
+    features, dim = REFERENCE[model]
+    expected = np.asarray(signed_hash_counts(features(text), dim), np.float32)
+    assert np.allclose(get_embedder(model).embed([text])[0], expected, atol=1e-6)
+
+
+def test_the_reference_features_of_a_short_text() -> None:
+    """Known answer: "Big  Cat" has words big, cat, "big cat" and the n-grams of " big cat "."""
+    assert word_features("Big  Cat") == ["big", "cat", "big cat"]
+    assert char_features("Big  Cat") == [" bi", "big", "ig ", "g c", " ca", "cat", "at ",
+                                         " big", "big ", "ig c", "g ca", " cat", "cat ",
+                                         " big ", "big c", "ig ca", "g cat", " cat "]  # fmt: skip
+
+
+def test_signed_hashing_lets_collisions_cancel() -> None:
+    """Features whose CRC32 top bits differ pull their bucket in opposite directions (not all +1)."""
+    assert [zlib.crc32(w.encode()) >> 31 for w in ("apple", "plum")] == [1, 0]
+    vector = get_embedder("hash-words-256").embed(["apple plum"])[0]
+    assert (vector < 0).any() and (vector > 0).any()
+
+
+class _Broken:
+    """encode() stand-ins that break the embedder contract."""
+
+    @staticmethod
+    def wrong_shape(texts):
+        return np.ones((len(texts), 3), np.float32)
+
+    @staticmethod
+    def not_finite(texts):
+        return np.full((len(texts), 4), np.nan, np.float32)
+
+
+@pytest.mark.parametrize("encode", [_Broken.wrong_shape, _Broken.not_finite])
+def test_an_encoder_breaking_the_contract_is_an_error_naming_the_model(encode) -> None:
+    """Rows of the wrong width, or NaN/inf values, never reach the store: embed() raises, naming the model."""
+    embedder = Embedder("broken-model", 4, encode)
+    with pytest.raises(RuntimeError, match=r"broken-model returned \(2, \d\), expected \(2, 4\) finite"):
+        embedder.embed(["a", "b"])
+
+
+def test_an_empty_input_error_says_so() -> None:
+    """The empty-string refusal says what was wrong with the request."""
+    with pytest.raises(InputRejectedError, match="empty string in request"):
+        get_embedder("hash-words-256").embed(["ok", ""])
+
+
+def test_a_transient_error_keeps_its_message_and_retry_after() -> None:
+    """TransientEmbeddingError carries the provider's message and its Retry-After (seconds)."""
+    error = TransientEmbeddingError("429 slow down", retry_after=1.5)
+    assert str(error) == "429 slow down" and error.retry_after == 1.5
+
+
+def test_openai_names_resolve_through_the_airflow_connection(monkeypatch, tmp_path) -> None:
+    """openai:<model>@<conn> builds a client from that Airflow connection (no request when dimensions is set)."""
+    conn = {"conn_type": "http", "host": "http://127.0.0.1:9", "password": "k", "extra": {"dimensions": 8}}
+    monkeypatch.setenv("AIRFLOW_CONN_EMB_OFFLINE", json.dumps(conn))
+    embedder = get_embedder("openai:some-model@emb_offline", work_dir=str(tmp_path))
+    assert (embedder.name, embedder.dim) == ("openai:some-model@emb_offline", 8)
