@@ -224,3 +224,76 @@ def test_a_file_given_as_corpus_is_a_corpus_error_naming_the_path(tmp_path: Path
     with pytest.raises(CorpusError, match="not a directory") as raised:
         resolve_root(file)
     assert str(file) in str(raised.value)
+
+
+# Rejection reasons exactly as the report shows them (what was wrong, and what to do where there is a fix).
+CONTENT_REASONS = {
+    b"": "empty file",
+    b" \n\t ": "whitespace only",
+    b"text\x00more": "binary file (contains NUL bytes); only UTF-8 text is embedded",
+}
+
+
+@pytest.mark.parametrize("content", sorted(CONTENT_REASONS))
+def test_content_rejections_read_as_documented(tmp_path: Path, content: bytes) -> None:
+    """Empty, whitespace-only and binary files are rejected with these exact reasons."""
+    (tmp_path / "f.txt").write_bytes(content)
+    assert read_document(tmp_path, "f.txt") == Rejected("f.txt", CONTENT_REASONS[content])
+
+
+def test_max_document_bytes_is_inclusive_and_the_reason_says_what_to_do(tmp_path: Path) -> None:
+    """A file of exactly max_document_bytes is a document; one byte more is rejected with the fix."""
+    (tmp_path / "fits.txt").write_bytes(b"x" * 100)
+    (tmp_path / "over.txt").write_bytes(b"x" * 101)
+    found = discover(tmp_path, max_document_bytes=100)
+    assert found.documents == ["fits.txt"]
+    assert found.rejected == [Rejected("over.txt", "101 bytes is above max_document_bytes=100; "
+                                                   "split the file or raise --max-document-bytes")]  # fmt: skip
+
+
+def test_a_symlinked_directory_reason_says_how_to_include_it(tmp_path: Path) -> None:
+    """The rejection of a directory link tells the user to pass its target instead."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    assert discover(tmp_path).rejected == [
+        Rejected("alias", "symlinked directory: not followed (walk its target directly)")
+    ]
+
+
+def test_a_document_that_cannot_be_read_is_rejected_with_the_os_reason(tmp_path: Path) -> None:
+    """An OSError while reading becomes ``unreadable: <strerror>`` for that document, not a crash."""
+    (tmp_path / "dir.txt").mkdir()  # reading a directory fails with EISDIR
+    assert read_document(tmp_path, "dir.txt") == Rejected("dir.txt", "unreadable: Is a directory")
+
+
+def test_files_the_process_may_not_read_are_rejected_as_permission_denied(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Without read permission a file is rejected, unopened (simulated: the specs run as root, who may read all)."""
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "locked.txt").write_text("secret")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p).name != "locked.txt" and real_access(p, mode))
+    found = discover(tmp_path)
+    assert found.documents == ["ok.txt"]
+    assert found.rejected == [Rejected("locked.txt", "unreadable: permission denied")]
+
+
+def test_an_unreadable_corpus_directory_is_a_corpus_error_naming_it_and_the_fix(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A corpus folder the process may not list fails up front (simulated permissions, as above)."""
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
+    with pytest.raises(CorpusError) as raised:
+        resolve_root(tmp_path)
+    assert str(raised.value) == f"corpus directory {str(tmp_path)!r} is not readable; fix its permissions"
+
+
+def test_a_path_escaping_the_root_is_refused_naming_both(tmp_path: Path) -> None:
+    """safe_join's refusal names the document path and the corpus root."""
+    with pytest.raises(CorpusError) as raised:
+        safe_join(tmp_path, "../etc/passwd")
+    assert (
+        str(raised.value)
+        == f"document path '../etc/passwd' escapes the corpus root {str(tmp_path)!r}; it is never read"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -240,3 +241,27 @@ def test_an_empty_batch_makes_no_call() -> None:
 
     out = embed_resiliently([], [], call, sleep=no_sleep)
     assert calls == [] and out.calls == 0 and out.ids == [] and out.failures == []
+
+
+@pytest.mark.parametrize(("fail", "transient"), [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.0, 0.0)])
+def test_rates_may_reach_their_bounds(fail: float, transient: float) -> None:
+    """0 and 1 are valid rates, and the two rates may sum to exactly 1."""
+    assert FaultPlan(fail, transient).fail_rate == fail
+
+
+@pytest.mark.parametrize(("fail", "transient"), [(0.3, 0.0), (0.1, 0.25), (0.0, 0.6)])
+def test_fault_shares_match_the_rates(fail: float, transient: float) -> None:
+    """Over many pairs the permanent and transient shares come within 3 points of the rates (hash, not luck:
+    the pairs and the seed are fixed, so this never flakes)."""
+    plan = FaultPlan(fail, transient, seed=11)
+    faults = Counter(plan.fault(f"c{i}", "m") for i in range(4000))
+    assert abs(faults[Fault.PERMANENT] / 4000 - fail) < 0.03
+    assert abs(faults[Fault.TRANSIENT] / 4000 - transient) < 0.03
+
+
+def test_a_fully_failing_plan_fails_every_pair_and_a_fully_transient_one_none_for_good() -> None:
+    """fail_rate=1: every pair is permanent; transient_rate=1: every pair fails 1..max times, then succeeds."""
+    ids = [f"c{i}" for i in range(200)]
+    assert {FaultPlan(1.0).fault(i, "m") for i in ids} == {Fault.PERMANENT}
+    transient = FaultPlan(0.0, 1.0)
+    assert {transient.transient_failures(i, "m") for i in ids} == {1, 2}
