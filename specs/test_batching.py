@@ -125,6 +125,8 @@ def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, 
 
 @given(map_length_cases())
 @example(([1, 1, 1, 10], 1, 10, 1, 2, True)).via("size ceil(n/budget) is too small but a larger size fits")
+@example(([1, 1, 1], 1, None, 2, 2, True)).via("a budget of exactly one batch: everything in it")
+@example(([6, 6, 1, 1], 1, 7, 1, 3, True)).via("the token cap still binds in the grown plan")
 def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     case: tuple[list[int], int, int | None, int, int, bool],
 ) -> None:
@@ -165,3 +167,21 @@ def test_a_100k_chunk_corpus_plans_within_max_map_length():
     assert grown > 32, "the plan had to grow its batches"
     too_small = plan_batches(tokens, batch_size=grown - 1, max_tokens=100_000)
     assert len(too_small) * 2 > 1024, "growth stops at the smallest batch size that fits"
+
+
+@pytest.mark.parametrize(
+    ("grow", "fix"),
+    [
+        (True, "raise --max-batch-tokens, use fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (False, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+    ],
+)
+def test_a_plan_over_max_map_length_counts_the_instances_and_says_what_to_change(
+    grow: bool, fix: str
+) -> None:
+    """The error gives inputs x models = instances against the limit, then the settings that would fit it."""
+    with pytest.raises(PlanError) as raised:  # a token cap of one chunk: 6 batches whatever the batch size
+        plan_within_map_length([10] * 6, batch_size=1, max_tokens=10, fan_out=2, max_map_length=4, grow=grow)
+    assert str(raised.value) == (
+        f"6 inputs x 2 models = 12 mapped task instances, above [core] max_map_length=4; {fix}"
+    )
