@@ -70,13 +70,15 @@ def compare_pair(
     ids_b: Sequence[str],
     vb: np.ndarray,
     *,
-    k: int = 10,
     limit: int = 2000,
 ) -> dict[str, float | int | None]:
-    """Scores on the chunks both models embedded (at most ``limit`` of them, sampled deterministically)."""
+    """Scores on the chunks both models embedded (at most ``limit`` of them, sampled deterministically).
+
+    The neighbourhood size is fixed at 10 (the report key says so): scores of different runs stay comparable.
+    """
     common = sample_ids(sorted(set(ids_a) & set(ids_b)), limit)
     ia = {cid: i for i, cid in enumerate(ids_a)}
     ib = {cid: i for i, cid in enumerate(ids_b)}
     a = va[[ia[c] for c in common]] if common else va[:0]
     b = vb[[ib[c] for c in common]] if common else vb[:0]
-    return {"chunks": len(common), "knn_jaccard_at_10": knn_jaccard(a, b, k), "linear_cka": linear_cka(a, b)}
+    return {"chunks": len(common), "knn_jaccard_at_10": knn_jaccard(a, b, 10), "linear_cka": linear_cka(a, b)}

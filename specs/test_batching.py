@@ -112,21 +112,22 @@ def smallest_fitting_batch_size(counts: list[int], max_tokens: int | None, budge
 
 @st.composite
 def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, int, bool]:
+    """Plans around the limit: max_map_length is drawn relative to the plan's own length, so keeping, growing
+    and refusing are all common (a fixed range would almost always keep the plan)."""
     counts = draw(token_count_lists(max_size=40, max_count=20))
-    return (
-        counts,
-        draw(batch_sizes(len(counts))),
-        draw(token_caps(max_cap=60)),
-        draw(st.integers(1, 4)),  # fan_out: models per batch
-        draw(st.integers(1, 30)),  # max_map_length
-        draw(st.booleans()),  # grow
-    )
+    batch_size = draw(batch_sizes(len(counts)))
+    max_tokens = draw(token_caps(max_cap=60))
+    fan_out = draw(st.integers(1, 4))  # models per batch
+    planned = len(plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens))
+    max_map_length = draw(st.integers(1, (planned + 1) * fan_out))
+    return counts, batch_size, max_tokens, fan_out, max_map_length, draw(st.booleans())
 
 
 @given(map_length_cases())
 @example(([1, 1, 1, 10], 1, 10, 1, 2, True)).via("size ceil(n/budget) is too small but a larger size fits")
 @example(([1, 1, 1], 1, None, 2, 2, True)).via("a budget of exactly one batch: everything in it")
 @example(([6, 6, 1, 1], 1, 7, 1, 3, True)).via("the token cap still binds in the grown plan")
+@example(([1, 1, 1, 4, 2, 5], 1, 10, 1, 2, True)).via("the search probes whole batch sizes only")
 def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     case: tuple[list[int], int, int | None, int, int, bool],
 ) -> None:

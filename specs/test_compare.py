@@ -128,6 +128,20 @@ def test_the_comparison_sample_is_deterministic_sorted_and_bounded(ids: list[str
     assert sample_ids(list(reversed(ids)), limit) == picked
 
 
+def test_the_comparison_sample_is_spread_over_the_ids_not_their_first_ones() -> None:
+    """sample_ids ranks by a digest of each id, so a sample of sorted ids is not just a prefix of them."""
+    ids = [f"doc.txt#{i:05d}" for i in range(1000)]
+    picked = sample_ids(ids, 100)
+    first_half = sum(1 for i in picked if i < ids[500])
+    assert picked != ids[:100] and 30 <= first_half <= 70
+
+
+def test_models_with_no_chunk_in_common_compare_on_zero_chunks() -> None:
+    """Disjoint id sets: 0 chunks compared, no kNN score and no CKA (nothing to compare), no error."""
+    scores = compare_pair(["a", "b"], np.eye(2), ["c", "d"], np.eye(2))
+    assert scores == {"chunks": 0, "knn_jaccard_at_10": None, "linear_cka": None}
+
+
 def _unit(degrees: list[float]) -> np.ndarray:
     radians = np.radians(degrees)
     return np.stack([np.cos(radians), np.sin(radians)], axis=1)
