@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,26 +149,57 @@ def default_models(quick: bool) -> list[str]:
     return ["hash-words-256", "minilm"]
 
 
+@dataclass(frozen=True)
+class Scale:
+    """How much one embedder is measured with: corpus documents, per-chunk documents, repetitions, sweep."""
+
+    documents: int
+    per_chunk_documents: int
+    repeat: int
+    sweep: tuple[int, ...]
+
+
+QUICK = Scale(documents=120, per_chunk_documents=6, repeat=2, sweep=(32, 128))
+FULL = Scale(documents=300, per_chunk_documents=20, repeat=3, sweep=(8, 32, 128, 512))
+# A real model costs ~100x the hashing embedder per chunk (MiniLM on 2 CPU cores: tens of chunks/s), so the
+# full run measures it on the quick corpus: still ~1,000 chunks, minutes per configuration.
+FULL_MODEL = Scale(documents=120, per_chunk_documents=6, repeat=2, sweep=(32, 128, 512))
+
+
+def scale_for(model: str, quick: bool) -> Scale:
+    if quick:
+        return QUICK
+    return FULL if model.startswith("hash-") else FULL_MODEL
+
+
+def subset(corpus_dir: str, documents: int, target: Path) -> str:
+    """A corpus of the first ``documents`` documents of ``corpus_dir`` (copied), for smaller runs."""
+    for rel in corpus.discover(corpus_dir).documents[:documents]:
+        path = target / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((Path(corpus_dir) / rel).read_bytes())
+    return str(target)
+
+
 def run_bench(*, quick: bool, models: list[str], work: Path, corpus_dir: str | None) -> dict[str, Any]:
-    """Figures per embedder on one corpus; the JSON's top level is the first embedder's, all are in by_embedder."""
+    """Figures per embedder; the JSON's top level is the first embedder's, all of them are in by_embedder."""
     from pipeline.compat import AIRFLOW_VERSION
     from pipeline.sample_corpus import write_sample_corpus
 
     if corpus_dir is None:
         corpus_dir = str(work / "corpus")
-        write_sample_corpus(corpus_dir, limit=120 if quick else 300)
-    small_dir = str(work / "corpus-small")
-    docs = corpus.discover(corpus_dir).documents
-    for rel in docs[: 6 if quick else 20]:  # the per-chunk run: few enough mapped tasks to finish in minutes
-        target = Path(small_dir) / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((Path(corpus_dir) / rel).read_bytes())
-    by_embedder = {
-        model: bench_embedder(
-            quick=quick, model=model, work=work / model, corpus_dir=corpus_dir, small_dir=small_dir
+        write_sample_corpus(corpus_dir, limit=max(scale_for(m, quick).documents for m in models))
+    by_embedder = {}
+    for model in models:
+        scale = scale_for(model, quick)
+        here = work / model.replace(":", "_").replace("/", "_")
+        by_embedder[model] = bench_embedder(
+            model=model,
+            scale=scale,
+            work=here,
+            corpus_dir=subset(corpus_dir, scale.documents, here / "corpus"),
+            small_dir=subset(corpus_dir, scale.per_chunk_documents, here / "corpus-small"),
         )
-        for model in models
-    }
     common = {
         "airflow_version": AIRFLOW_VERSION,
         "python": platform.python_version(),
@@ -179,12 +211,14 @@ def run_bench(*, quick: bool, models: list[str], work: Path, corpus_dir: str | N
     return common | by_embedder[models[0]] | {"by_embedder": by_embedder}
 
 
-def bench_embedder(*, quick: bool, model: str, work: Path, corpus_dir: str, small_dir: str) -> dict[str, Any]:
+def bench_embedder(
+    *, model: str, scale: Scale, work: Path, corpus_dir: str, small_dir: str
+) -> dict[str, Any]:
     """One embedder: raw loop, batched DAG, per-chunk DAG, a batch-size sweep; medians, ratios within this run."""
     from pipeline.runner import run_dag
     from pipeline.settings import Settings
 
-    repeat = 2 if quick else 3
+    repeat = scale.repeat
     batch_size = 32
     chunk_tokens = 100
     chunks = load_chunks(corpus_dir, chunk_tokens, 0)
@@ -206,7 +240,7 @@ def bench_embedder(*, quick: bool, model: str, work: Path, corpus_dir: str, smal
     batched_rate = len(chunks) / batched_wall
     per_chunk_rate = len(small_chunks) / per_chunk_wall
     sweep = [{"batch_size": 1, "granularity": "chunk", "chunks_per_s": per_chunk_rate}]
-    for size in (32, 128) if quick else (8, 32, 128, 512):
+    for size in scale.sweep:
         wall, report = (
             (batched_wall, batched) if size == batch_size else dag_rate(base | {"batch_size": size}, 1)
         )

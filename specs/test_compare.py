@@ -168,3 +168,11 @@ def test_knn_neighbours_are_cosine_so_row_lengths_do_not_matter(
     assume(np.diff(sims, axis=1).min() > 1e-6)  # no ties: a tie may break either way after rescaling
     scaled = x * np.asarray(scales[: len(angles)])[:, None]
     assert knn_jaccard(x, scaled, k=3) == pytest.approx(1.0)
+
+
+def test_unrelated_representations_score_well_below_one() -> None:
+    """Independent random embeddings of the same 200 chunks share little structure: CKA and kNN Jaccard < 0.3."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    assert linear_cka(a, b) < 0.3
+    assert knn_jaccard(a, b) < 0.3

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.embedders import TransientEmbeddingError
+from pipeline.embedders import InputRejectedError, TransientEmbeddingError
 from pipeline.faults import Fault, FaultPlan, FaultyCall
-from pipeline.resilience import Backoff, Outcome, embed_resiliently
+from pipeline.resilience import Backoff, Failure, Outcome, embed_resiliently
 from specs.strategies import (
     OFFLINE_MODELS,
     Fate,
@@ -265,3 +265,66 @@ def test_a_fully_failing_plan_fails_every_pair_and_a_fully_transient_one_none_fo
     assert {FaultPlan(1.0).fault(i, "m") for i in ids} == {Fault.PERMANENT}
     transient = FaultPlan(0.0, 1.0)
     assert {transient.transient_failures(i, "m") for i in ids} == {1, 2}
+
+
+def test_a_chunks_fault_under_one_model_is_independent_of_another_model() -> None:
+    """Each model draws its own faults: at rate 0.5 about half the chunks fail under exactly one of two models."""
+    plan = FaultPlan(0.5, 0.0, seed=3)
+    ids = [f"c{i}" for i in range(2000)]
+    differ = sum(plan.fault(i, "a") != plan.fault(i, "b") for i in ids)
+    assert 0.45 < differ / len(ids) < 0.55
+
+
+def test_a_transient_pair_fails_exactly_its_planned_number_of_times_then_succeeds() -> None:
+    """FaultyCall fails a transient pair on its first transient_failures(pair) requests, then embeds it."""
+    plan = FaultPlan(0.0, 1.0, seed=5)
+    for chunk_id in ("a", "b", "c", "d", "e", "f"):
+        call = FaultyCall(plan, "m", lambda texts: np.ones((len(texts), 2), np.float32))
+        failures = 0
+        while True:
+            try:
+                call([chunk_id], ["text"])
+                break
+            except TransientEmbeddingError:
+                failures += 1
+        assert failures == plan.transient_failures(chunk_id, "m") in (1, 2)
+
+
+def test_injected_errors_say_they_are_injected() -> None:
+    """Injected faults are labelled as such (with the seed), so nobody debugs a provider that is fine."""
+    call = FaultyCall(FaultPlan(1.0, 0.0, seed=7), "m", lambda texts: np.ones((len(texts), 2), np.float32))
+    with pytest.raises(InputRejectedError, match=r"^injected permanent failure \(fail_seed=7\)$"):
+        call(["a"], ["text"])
+    call = FaultyCall(FaultPlan(0.0, 1.0), "m", lambda texts: np.ones((len(texts), 2), np.float32))
+    with pytest.raises(TransientEmbeddingError, match=r"^injected transient failure on 2 input\(s\)$"):
+        call(["a", "b"], ["x", "y"])
+
+
+class CeilingRandom(random.Random):
+    """uniform(a, b) always returns b: the backoff's upper bound becomes observable."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_backoff_ceiling_doubles_per_attempt_up_to_the_cap() -> None:
+    """Without retry_after, the jitter window of attempt a is [0, min(cap, base * 2**a)]."""
+    backoff = Backoff(base=0.5, cap=3.0)
+    assert [backoff.delay(a, None, CeilingRandom()) for a in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_failures_carry_the_providers_reason() -> None:
+    """A rejected input records the provider's message; an exhausted request says how many attempts it took."""
+    rejected = embed_resiliently(
+        ["p"], ["p"], MaskedCall({("p", "m"): Fate(permanent=True)}, "m"), sleep=no_sleep
+    )
+    assert rejected.failures == [Failure("p", "rejected", "refused")]
+    exhausted = embed_resiliently(["t"], ["t"], MaskedCall({("t", "m"): Fate(transient=9)}, "m"),
+                                  backoff=Backoff(max_attempts=2), sleep=no_sleep)  # fmt: skip
+    assert exhausted.failures == [Failure("t", "transient_exhausted", "gave up after 2 attempts: busy")]
+
+
+def test_an_outcome_without_vectors_is_an_empty_float32_matrix_of_the_models_width() -> None:
+    """Nothing succeeded: the staged matrix is (0, dim) float32, the same dtype as real results."""
+    matrix = Outcome().matrix(7)
+    assert matrix.shape == (0, 7) and matrix.dtype == np.float32
