@@ -251,3 +251,48 @@ class ResultsArriveOneByOne(RuleBasedStateMachine):
 
 ResultsArriveOneByOne.TestCase.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
 TestResultsArrivingOneByOneInAnyOrderKeepTheAggregateConsistent = ResultsArriveOneByOne.TestCase
+
+
+# The summary's fields, as the report, the upsert and the comparison read them.
+SUMMARY_FIELDS = {"expected", "succeeded", "failed", "retried", "calls", "failures", "failures_by_kind",
+                  "per_model", "vectors"}  # fmt: skip
+PER_MODEL_FIELDS = {
+    "dim",
+    "succeeded",
+    "failed",
+    "retried",
+    "calls",
+    "mean_norm",
+    "norm_std",
+    "norm_min",
+    "norm_max",
+}
+
+
+@given(synthetic_runs())
+def test_the_summary_has_the_documented_fields_and_totals(run: SyntheticRun) -> None:
+    """Top-level totals are the per-model sums; every failure names chunk, model, kind and error; every staged
+    vector file is listed once per (model, batch) that embedded something, with its path."""
+    summary = run_summary(run, run.results)
+    assert set(summary) == SUMMARY_FIELDS
+    per_model = summary["per_model"]
+    assert list(per_model) == list(run.models)
+    for model, totals in per_model.items():
+        assert set(totals) == PER_MODEL_FIELDS
+        produced = [r for r in run.results if r["model"] == model and r["succeeded"]]
+        assert totals["dim"] == (produced[0]["dim"] if produced else totals["dim"])
+        assert totals["calls"] == sum(r["calls"] for r in run.results if r["model"] == model)
+        assert totals["retried"] == sum(r["retried"] for r in run.results if r["model"] == model)
+        assert (totals["norm_max"] is None) == (totals["succeeded"] == 0)
+    for name in ("succeeded", "retried", "calls"):
+        assert summary[name] == sum(t[name] for t in per_model.values())
+    assert all(set(f) == {"chunk_id", "model", "kind", "error"} for f in summary["failures"])
+    assert {f["error"] for f in summary["failures"]} <= {"refused"}
+    assert summary["vectors"] == sorted(
+        (
+            {"model": r["model"], "batch": r["batch"], "path": r["vectors"]}
+            for r in run.results
+            if r["vectors"]
+        ),
+        key=lambda v: (v["model"], v["batch"]),
+    )
