@@ -160,7 +160,7 @@ class Scale:
 
 
 QUICK = Scale(documents=120, per_chunk_documents=6, repeat=2, sweep=(32, 128))
-FULL = Scale(documents=300, per_chunk_documents=20, repeat=3, sweep=(8, 32, 128, 512))
+FULL = Scale(documents=300, per_chunk_documents=12, repeat=3, sweep=(16, 32, 128, 512))
 # A real model costs ~100x the hashing embedder per chunk (MiniLM on 2 CPU cores: tens of chunks/s), so the
 # full run measures it on the quick corpus: still ~1,000 chunks, minutes per configuration.
 FULL_MODEL = Scale(documents=120, per_chunk_documents=6, repeat=2, sweep=(32, 128, 512))
