@@ -103,7 +103,10 @@ def read_document(corpus_dir: str | os.PathLike[str], rel: str) -> str | Rejecte
 
 def safe_join(root: Path, rel: str) -> Path:
     """``root / rel`` resolved, refusing anything (``..``, absolute paths, symlinks) that escapes ``root``."""
-    candidate = (root / rel).resolve()
+    try:
+        candidate = (root / rel).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise CorpusError(f"document path {rel!r} is a symlink loop; it is never read") from None
     if candidate != root and root not in candidate.parents:
         raise CorpusError(f"document path {rel!r} escapes the corpus root {str(root)!r}; it is never read")
     return candidate
@@ -111,7 +114,10 @@ def safe_join(root: Path, rel: str) -> Path:
 
 def _unreadable_reason(path: Path, root: Path, max_bytes: int) -> str | None:
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a -> b -> a: RuntimeError up to Python 3.12, OSError (ELOOP) after
+            return "symlink loop"
         if not target.exists():
             return "broken symlink"
         if root not in target.parents:

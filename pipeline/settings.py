@@ -114,12 +114,13 @@ class Settings:
 
 
 def _convert(name: str, value: Any, kind: type) -> Any:
+    wanted = "an integer" if kind is int else "a number"
     if isinstance(value, bool):
-        raise SettingsError(f"{name}={value!r}: expected a {kind.__name__}")
+        raise SettingsError(f"{name}={value!r}: expected {wanted}")
     try:
         converted = kind(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
-        raise SettingsError(f"{name}={value!r}: expected a {kind.__name__}") from None
+        raise SettingsError(f"{name}={value!r}: expected {wanted}") from None
     if kind is int and converted != float(value):
         raise SettingsError(f"{name}={value!r}: expected a whole number")
     return converted

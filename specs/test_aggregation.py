@@ -296,3 +296,12 @@ def test_the_summary_has_the_documented_fields_and_totals(run: SyntheticRun) -> 
         ),
         key=lambda v: (v["model"], v["batch"]),
     )
+
+
+@given(synthetic_runs(min_chunks=1))
+def test_merging_partials_that_share_a_result_names_the_duplicate(run: SyntheticRun) -> None:
+    """Partial.merge refuses overlapping partials and says which (batch, model) came twice."""
+    first = run.results[0]
+    with pytest.raises(AggregationError) as raised:
+        combine([first]).merge(combine([first]))
+    assert str(raised.value) == f"duplicate results for (batch, model) {[(first['batch'], first['model'])]}"

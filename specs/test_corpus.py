@@ -297,3 +297,26 @@ def test_a_path_escaping_the_root_is_refused_naming_both(tmp_path: Path) -> None
         str(raised.value)
         == f"document path '../etc/passwd' escapes the corpus root {str(tmp_path)!r}; it is never read"
     )
+
+
+def test_a_symlink_loop_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    """a.txt -> b.txt -> a.txt: both links are rejected as a loop; discovery and reading go on."""
+    (tmp_path / "a.txt").symlink_to(tmp_path / "b.txt")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "ok.txt").write_text("fine")
+    found = discover(tmp_path)
+    assert found.documents == ["ok.txt"]
+    assert found.rejected == [Rejected("a.txt", "symlink loop"), Rejected("b.txt", "symlink loop")]
+    with pytest.raises(CorpusError, match="symlink loop"):
+        read_document(tmp_path, "a.txt")
+
+
+def test_rejections_are_listed_by_path_whatever_the_walk_order(tmp_path: Path) -> None:
+    """The report lists rejected files sorted by corpus-relative path, across folders."""
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "big.txt").write_bytes(b"x" * 50)
+    (tmp_path / "m.txt").symlink_to(tmp_path / "gone.txt")
+    (tmp_path / "a").mkdir()
+    os.mkfifo(tmp_path / "a" / "pipe.txt")
+    found = discover(tmp_path, max_document_bytes=10)
+    assert [r.path for r in found.rejected] == ["a/pipe.txt", "m.txt", "z/big.txt"]

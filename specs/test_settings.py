@@ -216,3 +216,22 @@ def test_as_dict_survives_a_json_round_trip_unchanged(params: dict[str, Any]) ->
     """as_dict() is plain JSON (lists, not tuples): what the report stores is what from_params gets back."""
     plain = Settings.from_params(params).as_dict()
     assert json.loads(json.dumps(plain)) == plain
+
+
+@pytest.mark.parametrize("value", [2.5, "2.5"])
+def test_a_fractional_count_is_refused_not_rounded(value: Any) -> None:
+    """batch_size=2.5 is an error, never silently 2."""
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_params({"corpus_dir": "c", "batch_size": value})
+    expected = "expected a whole number" if isinstance(value, float) else "expected an integer"
+    assert str(raised.value) == f"batch_size={value!r}: {expected}"
+
+
+@pytest.mark.parametrize(("name", "value", "wanted"), [("batch_size", "many", "an integer"),
+                                                        ("fail_rate", "half", "a number"),
+                                                        ("max_attempts", True, "an integer")])  # fmt: skip
+def test_a_value_of_the_wrong_type_says_what_type_is_expected(name: str, value: Any, wanted: str) -> None:
+    """Text where a number belongs (or a boolean) fails with ``<name>=<value>: expected <type>``."""
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_params({"corpus_dir": "c", name: value})
+    assert str(raised.value) == f"{name}={value!r}: expected {wanted}"
