@@ -79,6 +79,5 @@ def compare_pair(
     common = sample_ids(sorted(set(ids_a) & set(ids_b)), limit)
     ia = {cid: i for i, cid in enumerate(ids_a)}
     ib = {cid: i for i, cid in enumerate(ids_b)}
-    a = va[[ia[c] for c in common]] if common else va[:0]
-    b = vb[[ib[c] for c in common]] if common else vb[:0]
-    return {"chunks": len(common), "knn_jaccard_at_10": knn_jaccard(a, b, 10), "linear_cka": linear_cka(a, b)}
+    a, b = va[[ia[c] for c in common]], vb[[ib[c] for c in common]]  # an empty list selects (0, dim)
+    return {"chunks": len(common), "knn_jaccard_at_10": knn_jaccard(a, b), "linear_cka": linear_cka(a, b)}

@@ -154,7 +154,7 @@ def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
 
 def test_no_models_is_a_plan_error_asking_for_models() -> None:
     """fan_out 0 (no model) cannot be planned: the error says to pass --models."""
-    with pytest.raises(PlanError, match="--models"):
+    with pytest.raises(PlanError, match=r"^at least one model is needed; pass --models$"):
         plan_within_map_length([1], batch_size=1, max_tokens=None, fan_out=0, max_map_length=10)
 
 

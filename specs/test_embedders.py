@@ -215,7 +215,7 @@ def test_an_encoder_breaking_the_contract_is_an_error_naming_the_model(encode) -
 
 def test_an_empty_input_error_says_so() -> None:
     """The empty-string refusal says what was wrong with the request."""
-    with pytest.raises(InputRejectedError, match="empty string in request"):
+    with pytest.raises(InputRejectedError, match=r"^empty string in request; embedders reject empty inputs$"):
         get_embedder("hash-words-256").embed(["ok", ""])
 
 
@@ -231,3 +231,9 @@ def test_openai_names_resolve_through_the_airflow_connection(monkeypatch, tmp_pa
     monkeypatch.setenv("AIRFLOW_CONN_EMB_OFFLINE", json.dumps(conn))
     embedder = get_embedder("openai:some-model@emb_offline", work_dir=str(tmp_path))
     assert (embedder.name, embedder.dim) == ("openai:some-model@emb_offline", 8)
+
+
+def test_vectors_are_float32_whatever_the_encoder_returns() -> None:
+    """An encoder returning float64 (a provider's JSON, torch defaults) still yields float32 rows for the store."""
+    vectors = Embedder("f64", 2, lambda texts: np.ones((len(texts), 2), np.float64)).embed(["a"])
+    assert vectors.dtype == np.float32
