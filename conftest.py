@@ -39,7 +39,7 @@ settings.register_profile(
 )
 # Mutation testing runs the pure specs once per mutant: fewer examples, same every time (HYPOTHESIS_PROFILE=mutation).
 settings.register_profile(
-    "mutation", max_examples=20, deadline=None, derandomize=True, database=None,
+    "mutation", max_examples=20, stateful_step_count=10, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

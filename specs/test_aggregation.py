@@ -249,7 +249,9 @@ class ResultsArriveOneByOne(RuleBasedStateMachine):
             assert totals.norms.count == 0 or math.isfinite(totals.norms.mean or math.nan)
 
 
-ResultsArriveOneByOne.TestCase.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+ResultsArriveOneByOne.TestCase.settings = settings(
+    max_examples=max(5, settings.default.max_examples // 2), stateful_step_count=20, deadline=None
+)  # ci: 30
 TestResultsArrivingOneByOneInAnyOrderKeepTheAggregateConsistent = ResultsArriveOneByOne.TestCase
 
 
