@@ -58,6 +58,16 @@ def vector(text: str, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that time out on purpose (timeout specs) close their socket mid-reply: not an error here."""
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # BrokenPipeError, ConnectionResetError
+            super().handle_error(request, client_address)
+
+
 class EmbeddingServer:
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
@@ -96,7 +106,7 @@ class EmbeddingServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
