@@ -268,7 +268,23 @@ def bench_embedder(
         "xcom_bytes_per_pair_embed_only": batched["xcom"]["embed_bytes_per_pair"],
         "xcom_bytes_per_pair_per_chunk_run": per_chunk["xcom"]["bytes_per_pair"],
         "sweep": sweep,
+        "batched_seconds_by_task": seconds_by_task(batched),
     }
+
+
+def seconds_by_task(report: dict[str, Any]) -> dict[str, float]:
+    """Where a run's wall time went: summed task instance durations per task (from the metadata DB)."""
+    from datetime import datetime
+
+    def moment(value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+    totals: dict[str, float] = {}
+    for ti in report["task_instances"]:
+        if ti["start_date"] and ti["end_date"]:
+            spent = (moment(ti["end_date"]) - moment(ti["start_date"])).total_seconds()
+            totals[ti["task_id"]] = round(totals.get(ti["task_id"], 0.0) + spent, 3)
+    return totals | {"(wall)": round(report["wall_seconds"], 3)}
 
 
 def render(result: dict[str, Any]) -> str:
