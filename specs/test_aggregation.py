@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -307,3 +307,15 @@ def test_merging_partials_that_share_a_result_names_the_duplicate(run: Synthetic
     with pytest.raises(AggregationError) as raised:
         combine([first]).merge(combine([first]))
     assert str(raised.value) == f"duplicate results for (batch, model) {[(first['batch'], first['model'])]}"
+
+
+@given(synthetic_runs(min_chunks=2, synthetic_models=True))
+def test_one_model_with_two_dimensions_is_an_error_naming_both(run: SyntheticRun) -> None:
+    """Vectors of one model must share a width: results saying otherwise are refused, naming both widths."""
+    produced = [r for r in run.results if r["succeeded"]]
+    assume(produced)
+    first = produced[0]
+    other = first | {"batch": first["batch"] + 10_000, "dim": first["dim"] + 1}
+    with pytest.raises(AggregationError) as raised:
+        combine([first]).merge(combine([other]))
+    assert str(raised.value) == f"one model produced dims {first['dim']} and {first['dim'] + 1}"

@@ -127,3 +127,15 @@ def test_table_names_are_safe_and_distinct_for_distinct_models(a: str, b: str) -
     for name in (a, b):
         assert re.fullmatch(r"emb_[0-9A-Za-z_.-]+", store.table_name(name))
     assert (store.table_name(a) == store.table_name(b)) == (a == b)
+
+
+def test_the_table_schema_is_typed_for_vector_search(tmp_path) -> None:
+    """Each model's table holds id/doc/text strings, an int32 ordinal and a fixed-size float32 vector of the
+    model's dimension (what LanceDB's vector index and search need), whatever dtype the vectors came in."""
+    import pyarrow as pa
+
+    store.upsert(str(tmp_path), "m", POOL[:2], vectors_for([0, 1], 1).astype(np.float64))
+    schema = store.connect(str(tmp_path)).open_table(store.table_name("m")).schema
+    assert schema.field("id").type == pa.string()
+    assert schema.field("ordinal").type == pa.int32()
+    assert schema.field("vector").type == pa.list_(pa.float32(), 4)
