@@ -276,11 +276,13 @@ def seconds_by_task(report: dict[str, Any]) -> dict[str, float]:
     """Where a run's wall time went: summed task instance durations per task (from the metadata DB)."""
     from datetime import datetime
 
+    from pipeline.runner import task_instances
+
     def moment(value: Any) -> datetime:
         return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
     totals: dict[str, float] = {}
-    for ti in report["task_instances"]:
+    for ti in task_instances(report["dag_run"]["run_id"]):
         if ti["start_date"] and ti["end_date"]:
             spent = (moment(ti["end_date"]) - moment(ti["start_date"])).total_seconds()
             totals[ti["task_id"]] = round(totals.get(ti["task_id"], 0.0) + spent, 3)
