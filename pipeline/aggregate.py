@@ -110,15 +110,8 @@ class Partial:
         return cls({model: totals}, failures, frozenset({(batch, model)}), staged)
 
     def merge(self, other: Partial) -> Partial:
-        overlap = self.keys & other.keys
-        if overlap:
-            raise AggregationError(f"duplicate results for (batch, model) {sorted(overlap)[:3]}")
-        models = dict(self.models)
-        for name, totals in other.models.items():
-            models[name] = models[name].merge(totals) if name in models else totals
-        return Partial(
-            models, self.failures + other.failures, self.keys | other.keys, self.vectors + other.vectors
-        )
+        """The monoid operation; disjoint partials only (a shared (batch, model) is an AggregationError)."""
+        return merge_all((self, other))
 
 
 def combine(results: Iterable[Mapping[str, Any]]) -> Partial:
