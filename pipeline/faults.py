@@ -15,7 +15,7 @@ from enum import Enum
 
 import numpy as np
 
-from pipeline.embedders import InputRejectedError, TransientEmbeddingError
+from pipeline.embedders.base import InputRejectedError, TransientEmbeddingError
 
 
 class Fault(Enum):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.embedders import InputRejectedError, TransientEmbeddingError
+from pipeline.embedders.base import InputRejectedError, TransientEmbeddingError
 
 EmbedCall = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (ids, texts) -> (n, dim) vectors
 

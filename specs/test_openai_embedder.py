@@ -1,4 +1,4 @@
-"""The real-provider client (pipeline.openai_embedder) against a local OpenAI-compatible server on 127.0.0.1.
+"""The real-provider client (pipeline.embedders.openai_compat) against a local OpenAI-compatible server on 127.0.0.1.
 
 Every spec drives the real client over real HTTP (loopback only) through
 pipeline.resilience.embed_resiliently, the way embed_batch does. Example counts are modest: each example
@@ -26,7 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.embedders import TransientEmbeddingError, UnknownModelError, get_embedder, validate_models
-from pipeline.openai_embedder import EmbeddingConfigError, Limits, OpenAIEmbeddingClient, parse_duration
+from pipeline.embedders.openai_compat import (
+    EmbeddingConfigError,
+    Limits,
+    OpenAIEmbeddingClient,
+    parse_duration,
+)
 from pipeline.resilience import Backoff, embed_resiliently
 
 KEY = "sk-test-0123456789abcdef"
@@ -163,7 +168,7 @@ def test_processes_on_one_machine_share_one_rate_budget(tmp_path):
     rpm, window, per_process = 4, 1.0, 6
     code = f"""
 import sys
-from pipeline.openai_embedder import Limits, OpenAIEmbeddingClient
+from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
 c = OpenAIEmbeddingClient(sys.argv[1], {KEY!r}, "m", dimensions=16, rate_limit_dir=sys.argv[2],
     limits=Limits(requests_per_minute={rpm}, rate_window_seconds={window}))
 for i in range({per_process}):

@@ -45,7 +45,12 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from pipeline.chunking import count_tokens
-from pipeline.embedders import Embedder, EmbeddingConfigError, InputRejectedError, TransientEmbeddingError
+from pipeline.embedders.base import (
+    Embedder,
+    EmbeddingConfigError,
+    InputRejectedError,
+    TransientEmbeddingError,
+)
 
 DEFAULT_CONN_ID = "embedding_api"
 PREFIX = "openai:"
