@@ -1,6 +1,10 @@
 """Command line: ``python -m pipeline run CORPUS_DIR [options]`` runs the DAG through Airflow and reports.
 
 Other commands: ``sample-corpus DIR`` writes the offline sample corpus.
+
+Exit codes of ``run``: 0 every chunk x model pair embedded; 3 the run succeeded but some pairs failed (listed in
+the report, within ``--max-failed-share``); 1 the run failed; 2 a usage or configuration error, found before any
+work (bad option, missing corpus, model extra or connection, unwritable path); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.corpus import CorpusError, resolve_root
+from pipeline.corpus import CorpusError
+from pipeline.preflight import PreflightError
 from pipeline.settings import Settings, SettingsError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # CLI option -> setting name; every one of them is also a DAG param.
 OPTIONS = {
@@ -28,6 +35,7 @@ OPTIONS = {
     "fail_rate": "fail_rate",
     "transient_rate": "transient_rate",
     "fail_seed": "fail_seed",
+    "max_failed_share": "max_failed_share",
     "store": "store_uri",
     "report": "report_path",
     "work_dir": "work_dir",
@@ -35,10 +43,18 @@ OPTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="embed a corpus through the parallel_embeddings DAG")
+    run = commands.add_parser(
+        "run",
+        help="embed a corpus through the parallel_embeddings DAG",
+        epilog=__doc__.split("\n\n")[-1],
+    )
     run.add_argument("corpus_dir", help="folder of .txt / .md / .rst documents (searched recursively)")
     run.add_argument(
         "--sample", action="store_true", help="first write the offline sample corpus there if empty"
@@ -55,11 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-rate", type=float, help="inject permanent failures in this share of pairs")
     run.add_argument("--transient-rate", type=float, help="inject transient failures in this share of pairs")
     run.add_argument("--fail-seed", type=int, help="seed of the injected failures (default 0)")
+    run.add_argument(
+        "--max-failed-share",
+        type=float,
+        help="the run fails when more than this share of chunk x model pairs failed (default 0.5); "
+        "a run in which no pair succeeded always fails",
+    )
     run.add_argument("--store", help="LanceDB URI (default: WORK_DIR/store)")
     run.add_argument("--report", help="report JSON path (default: WORK_DIR/reports/<run id>.json)")
     run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
-    run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Airflow's task logs on the console (default: in a log file, named on failure)",
+    )
     run.add_argument(
         "--executor",
         choices=["dag-test", "local"],
@@ -128,7 +154,9 @@ def command_run(args: argparse.Namespace) -> int:
         written = write_sample_corpus(args.corpus_dir)
         print(f"wrote {len(written)} sample documents to {args.corpus_dir}", file=sys.stderr)
     settings = settings_from_args(args)
-    resolve_root(settings.corpus_dir)  # a missing corpus is an error before Airflow even starts
+    from pipeline import preflight
+
+    preflight.check(settings, connections=False)  # before Airflow even starts: corpus, extras, paths
 
     from pipeline import runner
 
@@ -146,21 +174,34 @@ def command_run(args: argparse.Namespace) -> int:
             if value is not None and value < 1:
                 raise SettingsError(f"{flag}={value}: must be >= 1")
     started = time.monotonic()
-    print(
-        f"airflow home: {os.path.abspath(args.airflow_home)} (created and migrated on first use)",
-        file=sys.stderr,
-    )
-    runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if local:
-        report = scheduler.run_scheduled(
-            settings.as_dict(), parallelism=args.parallelism or 4, api_concurrency=args.api_concurrency,
-            timeout=args.timeout, progress=say,
-        )  # fmt: skip
-    else:
-        report = runner.run_dag(settings.as_dict(), progress=say)
+    if not runner.is_migrated(args.airflow_home):  # don't spend a migration on a run that cannot start
+        preflight.check_connections_from_environment(settings.models)
+        print(f"airflow home: {os.path.abspath(args.airflow_home)} (new: creating it)", file=sys.stderr)
+    home = runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
+    for model in settings.models:  # connections live in Airflow (env, secrets backend or this home's DB)
+        if model.startswith(preflight.OPENAI_PREFIX):
+            preflight.check_connection(model)
+    log = home / "logs" / f"pipeline-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    with runner.quiet_console(log, enabled=not args.verbose) as console:
+        say = lambda line: print(line, file=console, flush=True)  # noqa: E731
+        if not args.verbose:
+            say(f"task logs: {log}")
+        if local:
+            report = scheduler.run_scheduled(
+                settings.as_dict(), parallelism=args.parallelism or 4, api_concurrency=args.api_concurrency,
+                timeout=args.timeout, progress=say,
+            )  # fmt: skip
+        else:
+            report = runner.run_dag(settings.as_dict(), progress=say)
     print(render_summary(report, time.monotonic() - started))
-    return 0
+    if report["embeddings"]["failed"]:
+        print(
+            f"exit {EXIT_PARTIAL}: {report['embeddings']['failed']} pairs failed (within --max-failed-share); "
+            "they are listed in the report",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def render_summary(report: dict[str, Any], seconds: float) -> str:
@@ -209,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}"
             )
-            return 0
+            return EXIT_OK
         if args.command == "bench":
             from pipeline.bench import main as bench_main
 
@@ -217,16 +258,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command_run(args)
     except KeyboardInterrupt:
         print("error: interrupted (Airflow processes stopped)", file=sys.stderr)
-        return 130
-    except (SettingsError, CorpusError) as exc:
+        return EXIT_INTERRUPTED
+    except (SettingsError, CorpusError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
         from pipeline.runner import RunError
 
         if isinstance(exc, RunError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            if exc.log:
+                print(f"task logs (tracebacks): {exc.log}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)  # last: what scripts and people read first
+            return EXIT_FAILED
         raise
 
 

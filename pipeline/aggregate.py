@@ -142,12 +142,15 @@ def reconcile(
     models: Sequence[str],
     results: Iterable[Mapping[str, Any]],
     chunk_ids: Callable[[int, int], list[str]],
+    config_errors: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The run's summary: every planned (chunk, model) pair exactly once as succeeded or failed.
 
     ``chunk_ids(start, stop)`` names the chunks of a batch whose task instance left no result (it failed or was
-    skipped); those pairs become failures of kind ``task_failed``.
+    skipped); those pairs become failures of kind ``task_failed``, or ``config`` with the reason when
+    ``config_errors`` says why the model could not run at all (model -> error).
     """
+    config_errors = config_errors or {}
     received = combine(results)
     unexpected = {key for key in received.keys if key[1] not in models or not 0 <= key[0] < len(plan)}
     if unexpected:
@@ -156,7 +159,14 @@ def reconcile(
         Partial(
             {model: ModelTotals(failed=len(ids))},
             tuple(
-                (cid, model, "task_failed", f"mapped task instance for batch {b['index']} left no result")
+                (cid, model, "config", config_errors[model])
+                if model in config_errors
+                else (
+                    cid,
+                    model,
+                    "task_failed",
+                    f"mapped task instance for batch {b['index']} left no result",
+                )
                 for cid in ids
             ),
         )
@@ -195,3 +205,25 @@ def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Seque
         "per_model": per_model,
         "vectors": [{"model": m, "batch": b, "path": u} for m, b, u in sorted(partial.vectors)],
     }
+
+
+def over_budget(summary: Mapping[str, Any], max_failed_share: float) -> str | None:
+    """Why the run must fail, or None: no pair succeeded, or more than ``max_failed_share`` of them failed.
+
+    An empty plan (nothing to embed) is within budget. The reason names the share and the first error of each
+    kind, on one line.
+    """
+    expected, failed = summary["expected"], summary["failed"]
+    if not expected or (summary["succeeded"] and failed <= max_failed_share * expected):
+        return None
+    first: dict[str, Mapping[str, Any]] = {}
+    for f in summary["failures"]:
+        first.setdefault(f["kind"], f)
+    errors = "; ".join(
+        f"{kind} ({summary['failures_by_kind'][kind]}): {f['error'][:200]} [{f['chunk_id']} x {f['model']}]"
+        for kind, f in sorted(first.items())
+    )
+    return (
+        f"{failed} of {expected} chunk x model pairs failed ({failed / expected:.1%}), above "
+        f"max_failed_share={max_failed_share:g}; first errors: {errors}"
+    )

@@ -11,13 +11,13 @@ AIRFLOW_3 = int(AIRFLOW_VERSION.split(".")[0]) >= 3
 if AIRFLOW_3:
     from airflow.sdk import ObjectStoragePath, Param, dag, get_current_context, task
 
-    try:  # 3.2+; 3.0 and 3.1 keep it in airflow.exceptions (deprecated there from 3.2 on)
-        from airflow.sdk.exceptions import AirflowFailException
+    try:  # 3.2+; 3.0 and 3.1 keep them in airflow.exceptions (deprecated there from 3.2 on)
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
     except ImportError:
-        from airflow.exceptions import AirflowFailException
+        from airflow.exceptions import AirflowFailException, AirflowSkipException
 else:  # Airflow 2.10 / 2.11
     from airflow.decorators import dag, task
-    from airflow.exceptions import AirflowFailException
+    from airflow.exceptions import AirflowFailException, AirflowSkipException
     from airflow.io.path import ObjectStoragePath
     from airflow.models.param import Param
     from airflow.operators.python import get_current_context
@@ -26,6 +26,7 @@ __all__ = [
     "AIRFLOW_3",
     "AIRFLOW_VERSION",
     "AirflowFailException",
+    "AirflowSkipException",
     "ObjectStoragePath",
     "Param",
     "dag",

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pipeline import DAG_ID, EMBED_POOL, EMBED_POOL_DEFAULT_SLOTS
 
@@ -25,7 +25,44 @@ EMBED_TASK = "embed_batch"
 
 
 class RunError(RuntimeError):
-    """The run could not start or did not finish; the message says why."""
+    """The run could not start or did not finish; the message says why, ``log`` where the tracebacks are."""
+
+    def __init__(self, message: str, log: str | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+@contextlib.contextmanager
+def quiet_console(log: Path, *, enabled: bool = True) -> Iterator[TextIO]:
+    """Send all output of this process and its children (Airflow's logs, task tracebacks) to ``log``.
+
+    Redirects file descriptors 1 and 2, so nothing bypasses it; yields a stream to the real terminal for
+    progress lines. A :class:`RunError` leaving the block names ``log``. Disabled: yields stderr, changes nothing.
+    """
+    if not enabled:
+        yield sys.stderr
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with open(log, "ab") as target:
+        os.dup2(target.fileno(), 1)
+        os.dup2(target.fileno(), 2)
+    try:
+        yield console
+    except RunError as exc:
+        exc.log = exc.log or str(log)
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        console.close()
 
 
 def airflow_env(home: str | os.PathLike[str], *, quiet: bool = True) -> dict[str, str]:
@@ -61,6 +98,10 @@ def use_airflow_home(
             migrate(env)
         (path / ".migrated").write_text(_airflow_version())
     return path
+
+
+def is_migrated(home: str | os.PathLike[str]) -> bool:
+    return (Path(home) / ".migrated").exists()
 
 
 def migrate(env: dict[str, str]) -> None:

@@ -39,6 +39,8 @@ class Settings:
     store_uri: str = ""  # default: <work_dir>/store
     report_path: str = ""  # default: <work_dir>/reports/<run id>.json
     compare_max_chunks: int = 2000
+    # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
+    max_failed_share: float = 0.5
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
@@ -55,6 +57,7 @@ class Settings:
         need(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         need(self.backoff_seconds >= 0, "backoff_seconds", "must be >= 0")
         need(self.compare_max_chunks >= 2, "compare_max_chunks", "must be >= 2")
+        need(0 <= self.max_failed_share <= 1, "max_failed_share", "must be between 0 and 1")
         need(bool(self.extensions), "extensions", "list at least one file extension, e.g. .txt")
         try:
             object.__setattr__(self, "models", tuple(validate_models(list(self.models))))
@@ -100,7 +103,7 @@ class Settings:
                 value = tuple(
                     v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()
                 )
-            elif name in ("fail_rate", "transient_rate", "backoff_seconds"):
+            elif name in ("fail_rate", "transient_rate", "backoff_seconds", "max_failed_share"):
                 value = _convert(name, value, float)
             elif known[name].type in ("int", int):
                 value = _convert(name, value, int)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import aggregate, compare, corpus, staging, store
 from pipeline.chunking import chunk_text
-from pipeline.embedders import Embedder, get_embedder
+from pipeline.embedders import Embedder, EmbeddingConfigError, get_embedder
 from pipeline.faults import FaultyCall
 from pipeline.resilience import Backoff, embed_resiliently
 from pipeline.settings import Settings
@@ -58,9 +58,67 @@ def chunk_documents(settings: Settings, documents: Mapping[str, Any], directory:
     return chunk_set | {"documents_embedded": embedded, "rejected": rejected}
 
 
+class ConfigurationError(RuntimeError):
+    """The model cannot run in this environment (missing extra, connection, credentials): retrying cannot help."""
+
+
 @functools.lru_cache(maxsize=8)
 def _embedder(model: str, work_dir: str) -> Embedder:  # one load per worker process (MiniLM takes seconds)
     return get_embedder(model, work_dir)
+
+
+def _config_error_path(directory: str, model: str) -> Any:
+    return staging.as_path(f"{directory}/config-errors/{store.table_name(model)}.txt")
+
+
+def config_errors(directory: str, models: Sequence[str]) -> dict[str, str]:
+    """model -> why it could not run in this DAG run (recorded by the first task instance that found out)."""
+    found = {}
+    for model in models:
+        path = _config_error_path(directory, model)
+        if path.exists():
+            found[model] = path.read_text(encoding="utf-8")
+    return found
+
+
+def _configuration_failed(directory: str, model: str, error: BaseException) -> ConfigurationError:
+    """Record why ``model`` cannot run, once per DAG run, so other instances stop at once and the run says why."""
+    from pipeline.preflight import PreflightError, check_model
+
+    message = str(error)
+    if not isinstance(error, EmbeddingConfigError):  # ImportError, a missing connection, ...: say which fix
+        try:
+            check_model(model)
+        except PreflightError as exc:
+            message = str(exc)
+    path = _config_error_path(directory, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(message, encoding="utf-8")
+    return ConfigurationError(message)
+
+
+def load_embedder(model: str, settings: Settings, directory: str) -> Embedder:
+    """The embedder, or :class:`ConfigurationError` when this environment cannot run it (recorded for the run).
+
+    A load that fails for a reason preflight recognises (an extra not installed, a connection missing or without
+    a key) or a provider refusing the credentials is a configuration error; anything else propagates (a load
+    may fail transiently, e.g. an endpoint down while probing the dimension, and Airflow's retries apply).
+    """
+    recorded = config_errors(directory, [model])
+    if recorded:
+        raise ConfigurationError(recorded[model])
+    try:
+        return _embedder(model, settings.work_dir)
+    except (ImportError, EmbeddingConfigError) as exc:
+        raise _configuration_failed(directory, model, exc) from None
+    except Exception as exc:
+        from pipeline.preflight import PreflightError, check_model
+
+        try:
+            check_model(model)
+        except PreflightError:
+            raise _configuration_failed(directory, model, exc) from None
+        raise
 
 
 def embed_batch(
@@ -75,13 +133,16 @@ def embed_batch(
         if c.tokens > cap
     ]
     sendable = [c for c in chunks if c.tokens <= cap]
-    embedder = _embedder(model, settings.work_dir)
-    outcome = embed_resiliently(
-        [c.id for c in sendable],
-        [c.text for c in sendable],
-        FaultyCall(settings.fault_plan, model, embedder.embed),
-        backoff=Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts),
-    )
+    embedder = load_embedder(model, settings, directory)
+    try:
+        outcome = embed_resiliently(
+            [c.id for c in sendable],
+            [c.text for c in sendable],
+            FaultyCall(settings.fault_plan, model, embedder.embed),
+            backoff=Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts),
+        )
+    except EmbeddingConfigError as exc:  # the provider refused credentials/model mid-run (401/403/404)
+        raise _configuration_failed(directory, model, exc) from None
     failures += [[f.chunk_id, f.kind, f.error] for f in outcome.failures]
     vectors = outcome.matrix(embedder.dim)
     staged = None  # relative to the run directory: XCom stays small (goal: <= 512 B per chunk x model pair)
@@ -112,7 +173,10 @@ def aggregate_results(
     plan: Sequence[Mapping[str, int]],
     models: Sequence[str],
     results: Iterable[Any],
+    directory: str | None = None,
 ) -> dict[str, Any]:
+    """The run's summary (see :func:`pipeline.aggregate.reconcile`); check it with :func:`over_budget`."""
+
     @functools.cache
     def all_ids() -> list[str]:  # read once, and only if some task instance left no result
         return [c.id for c in staging.read_chunks(chunk_set)]
@@ -120,7 +184,8 @@ def aggregate_results(
     def chunk_ids(start: int, stop: int) -> list[str]:
         return all_ids()[start:stop]
 
-    summary = aggregate.reconcile(plan, models, list(results), chunk_ids)
+    why = config_errors(directory, models) if directory else {}
+    summary = aggregate.reconcile(plan, models, list(results), chunk_ids, why)
     log.info("%(succeeded)d succeeded, %(failed)d failed of %(expected)d expected", summary)
     return summary
 

@@ -6,10 +6,6 @@ injected permanent faults (batches of 4), and a re-run of the same corpus into t
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import pytest
 from pipeline.chunking import chunk_text
 from pipeline.faults import Fault, FaultPlan
 from pipeline.runner import EMBED_TASK
+from specs.commandline import assert_one_line_error, cli, migrated_home
 
 pytestmark = pytest.mark.airflow
 
@@ -202,28 +199,6 @@ def test_vectors_never_travel_through_xcom(run_dag):
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60, **env_extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")} | env_extra
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *phrases: str) -> None:
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-
-
 def test_cli_missing_corpus_is_a_one_line_error(tmp_path):
     """`run MISSING_DIR` exits non-zero with one "error:" line naming the directory, and no traceback."""
     done = cli("run", str(tmp_path / "missing"), "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
@@ -247,12 +222,8 @@ def test_cli_invalid_option_is_a_one_line_error(tmp_path, option, value, phrase)
 def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_template_db):
     """A CLI run (its own Airflow home, copied from the template DB) prints the summary and writes the report."""
     import json
-    from importlib.metadata import version
 
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copyfile(airflow_template_db, home / "airflow.db")
-    (home / ".migrated").write_text(version("apache-airflow"))  # the runner's marker: skip migrating
+    home = migrated_home(tmp_path / "home", airflow_template_db)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "doc.txt").write_text("One small document. It makes a single chunk.")
     report = tmp_path / "out" / "report.json"
@@ -274,12 +245,7 @@ def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_temp
 
 def test_cli_run_over_max_map_length_fails_with_the_reason_and_the_fix(tmp_path, airflow_template_db):
     """Per-chunk mapping beyond [core] max_map_length fails the run (no retries); the last line names limit and fix."""
-    from importlib.metadata import version
-
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copyfile(airflow_template_db, home / "airflow.db")
-    (home / ".migrated").write_text(version("apache-airflow"))
+    home = migrated_home(tmp_path / "home", airflow_template_db)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "doc.txt").write_text(" ".join(f"w{i}." for i in range(60)))
     done = cli(
@@ -292,21 +258,3 @@ def test_cli_run_over_max_map_length_fails_with_the_reason_and_the_fix(tmp_path,
     assert last.startswith("error: ") and "plan_batches" in last
     assert "max_map_length=5" in last and "--granularity batch" in last
     assert not (tmp_path / "r.json").exists()
-
-
-def test_a_mapped_task_instance_that_dies_leaves_its_pairs_failed_by_id(run_dag):
-    """A model whose every task instance fails (no such connection) costs only its own pairs: each is a
-    'task_failed' failure by chunk id, the other model's pairs all succeed, and the run still succeeds."""
-    corpus = {f"d{i}.txt": f"Sentence {i} about things. " * 6 for i in range(4)}
-    report = run_dag(
-        corpus, models=("hash-words-256", "openai:no-such-model@no_such_connection"), batch_size=2
-    )
-    assert report["dag_run"]["state"] == "success"
-    lost = [f for f in report["failures"] if f["model"].startswith("openai:")]
-    assert {f["kind"] for f in lost} == {"task_failed"}
-    assert len(lost) == len({f["chunk_id"] for f in lost}) == report["chunks"]
-    assert report["per_model"]["hash-words-256"]["succeeded"] == report["chunks"]
-    assert (
-        report["embeddings"]["succeeded"] + report["embeddings"]["failed"] == report["embeddings"]["expected"]
-    )
-    assert report["mapped_task_states"].get("failed", 0) == report["batches"]["count"]

@@ -43,6 +43,8 @@ PARAMS = {
     "fail_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected permanent failures"),
     "transient_rate": Param(0.0, type="number", minimum=0, maximum=1, description="Injected transient failures"),
     "fail_seed": Param(0, type="integer", description="Seed of the injected failure set"),
+    "max_failed_share": Param(0.5, type="number", minimum=0, maximum=1,
+                              description="The run fails above this share of failed chunk x model pairs"),
     "work_dir": Param("work", type="string", description="Staging, reports and default store location"),
     "store_uri": Param("", type="string", description="LanceDB URI; empty: <work_dir>/store"),
     "report_path": Param("", type="string", description="Report JSON path; empty: <work_dir>/reports/<run>.json"),
@@ -87,8 +89,15 @@ def _run_dir(settings: Settings) -> str:
 def parallel_embeddings():
     @task(multiple_outputs=True)
     def resolve_settings(params: dict | None = None) -> dict:
-        """Validate params into settings (fails fast, before any work, naming the bad param)."""
-        return _settings({k: v for k, v in (params or {}).items() if k in PARAMS}).as_dict()
+        """Validate params and check the environment (models, connections, paths) before any work."""
+        from pipeline.preflight import PreflightError, check
+
+        settings = _settings({k: v for k, v in (params or {}).items() if k in PARAMS})
+        try:
+            check(settings)
+        except PreflightError as exc:
+            fail_task(str(exc))
+        return settings.as_dict()
 
     @task
     def list_models(settings: dict) -> list[str]:
@@ -112,26 +121,37 @@ def parallel_embeddings():
     @task(map_index_template="{{ map_label }}", pool=EMBED_POOL, multiple_outputs=False)
     def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
-        from pipeline.embedders import EmbeddingConfigError
 
         set_map_label(f"batch {batch['index'] + 1}/{batch['of']} · {model}")
         s = _settings(settings)
         try:
             return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
-        except EmbeddingConfigError as exc:  # bad credentials or endpoint: retrying cannot help
+        except (
+            steps.ConfigurationError
+        ) as exc:  # missing extra, connection, credentials: retrying cannot help
             fail_task(str(exc))
 
     @task(trigger_rule="all_done", multiple_outputs=False)
-    def aggregate_results(chunk_set: dict, plan: list, models: list, results) -> dict:
+    def aggregate_results(settings: dict, chunk_set: dict, plan: list, models: list, results) -> dict:
         """Runs even when some embed task instances failed: they are absent from ``results``.
 
         An empty plan skips the mapped task; Airflow 2 then passes None, Airflow 3 an empty sequence.
-        Indexing up to ``len`` (not iterating) avoids 3.x probing one XCom past the end.
+        Indexing up to ``len`` (not iterating) avoids 3.x probing one XCom past the end. The run fails here
+        when no pair succeeded or more than ``max_failed_share`` failed.
         """
         from pipeline import steps
+        from pipeline.aggregate import over_budget
+        from pipeline.compat import AirflowSkipException
 
+        if settings is None or chunk_set is None:  # an upstream task failed: it already said why
+            raise AirflowSkipException("nothing to aggregate: an upstream task failed")
+        s = _settings(settings)
         received = [results[i] for i in range(len(results))] if results is not None else []
-        return steps.aggregate_results(chunk_set, plan or [], models, received)
+        summary = steps.aggregate_results(chunk_set, plan or [], models, received, _run_dir(s))
+        reason = over_budget(summary, s.max_failed_share)
+        if reason:
+            fail_task(reason)
+        return summary
 
     @task(multiple_outputs=False)
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
@@ -174,7 +194,7 @@ def parallel_embeddings():
         grow=settings["batches_may_grow"],
         model=models,
     )
-    summary = aggregate_results(chunk_set, plan, models, results)
+    summary = aggregate_results(settings, chunk_set, plan, models, results)
     stored = upsert_vectors(settings, chunk_set, summary, models)
     comparison = compare_models(settings, summary, models)
     write_report(settings, documents, chunk_set, plan, summary, stored, comparison)

