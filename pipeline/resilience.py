@@ -22,7 +22,7 @@ EmbedCall = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (ids, texts)
 @dataclass(frozen=True)
 class Failure:
     chunk_id: str
-    kind: str  # oversize | rejected | transient_exhausted | task_failed
+    kind: str  # oversize | rejected | transient_exhausted | task_failed | config
     error: str
 
 
