@@ -197,7 +197,6 @@ def test_transient_failures_are_recovered(run_dag):
     assert mapped and {t["state"] for t in mapped} == {"success"}
 
 
-@pytest.mark.smoke
 def test_vectors_never_travel_through_xcom(run_dag):
     """One mapped task per chunk stores at most 512 B of XCom per chunk x model pair; the rest of a run a few KiB."""
     corpus = {f"d{i}.txt": f"Paragraph {i} has a few words. " * 4 for i in range(6)}
