@@ -110,6 +110,31 @@ def plan_within_map_length(
     )
 
 
+def plan_for_mapping(
+    token_counts: Sequence[int],
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    crossed: Sequence[Any] | None,
+    max_map_length: int,
+    grow: bool = True,
+) -> list[dict[str, int]]:
+    """What ``map_batches``' planning task returns: one dict per batch, each with ``of`` (the number of batches).
+
+    ``crossed`` is the list each batch is crossed with (e.g. the models), or ``None`` when nothing is crossed;
+    the plan fits ``max_map_length`` with that fan-out (see :func:`plan_within_map_length`).
+    """
+    batches = plan_within_map_length(
+        token_counts,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        fan_out=len(crossed) if crossed is not None else 1,
+        max_map_length=max_map_length,
+        grow=grow,
+    )
+    return [b.as_dict() | {"of": len(batches)} for b in batches]
+
+
 def map_batches(
     task: Any,
     items: XComArg,
@@ -140,17 +165,16 @@ def map_batches(
         from pipeline.staging import read_token_counts
 
         try:
-            batches = plan_within_map_length(
+            return plan_for_mapping(
                 read_token_counts(items),
                 batch_size=batch_size,
                 max_tokens=max_tokens,
-                fan_out=len(fan_out) if fan_out is not None else 1,
+                crossed=fan_out,
                 max_map_length=max_map_length(),
                 grow=grow,
             )
         except PlanError as exc:  # the same data would fail again: no retries
             fail_task(str(exc))
-        return [b.as_dict() | {"of": len(batches)} for b in batches]
 
     batches = plan(items, batch_size, max_tokens, grow, fan_out)
     return batches, task.expand(batch=batches, **cross)

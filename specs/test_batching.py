@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.batching import Batch, PlanError, plan_batches, plan_within_map_length
+from pipeline.batching import Batch, PlanError, plan_batches, plan_for_mapping, plan_within_map_length
 from specs.strategies import batch_sizes, token_caps, token_count_lists
 
 
@@ -186,3 +188,84 @@ def test_a_plan_over_max_map_length_counts_the_instances_and_says_what_to_change
     assert str(raised.value) == (
         f"6 inputs x 2 models = 12 mapped task instances, above [core] max_map_length=4; {fix}"
     )
+
+
+# ------------------------------------------------------------------ map_batches' planning task, without Airflow
+
+
+def mapping_kwargs(case: tuple[list[int], int, int | None, int, int, bool]) -> dict:
+    """A map_length_cases case as plan_for_mapping arguments: the fan-out becomes a crossed list of models."""
+    counts, batch_size, max_tokens, fan_out, max_map_length, grow = case
+    crossed = [f"model-{i}" for i in range(fan_out)]
+    return dict(
+        token_counts=counts, batch_size=batch_size, max_tokens=max_tokens, crossed=crossed,
+        max_map_length=max_map_length, grow=grow,
+    )  # fmt: skip
+
+
+@given(map_length_cases())
+@example(([1, 1, 1, 10], 1, 10, 1, 2, True)).via("the plan has to grow to fit")
+@example(([1, 1, 1, 10], 1, 10, 1, 2, False)).via("the plan may not grow: refused")
+@example(([3, 4, 5], 2, None, 3, 9, True)).via("three crossed values, no token cap")
+def test_the_mapping_plan_is_the_map_length_plan_for_the_crossed_lists_length(
+    case: tuple[list[int], int, int | None, int, int, bool],
+) -> None:
+    """map_batches plans the batches plan_within_map_length gives for len(crossed) models (growing when it
+    may), or raises its PlanError: the crossed list sizes the max_map_length budget."""
+    kwargs = mapping_kwargs(case)
+    counts, batch_size, max_tokens, fan_out, max_map_length, grow = case
+    try:
+        expected = plan_within_map_length(
+            counts, batch_size=batch_size, max_tokens=max_tokens, fan_out=fan_out,
+            max_map_length=max_map_length, grow=grow,
+        )  # fmt: skip
+    except PlanError as error:
+        with pytest.raises(PlanError) as raised:
+            plan_for_mapping(**kwargs)
+        assert str(raised.value) == str(error)
+        return
+    plan = plan_for_mapping(**kwargs)
+    assert [{k: v for k, v in b.items() if k != "of"} for b in plan] == [b.as_dict() for b in expected]
+    assert len(plan) * fan_out <= max_map_length
+
+
+@given(map_length_cases())
+def test_every_planned_batch_says_how_many_batches_there_are(
+    case: tuple[list[int], int, int | None, int, int, bool],
+) -> None:
+    """Each batch dict carries index, start, stop, tokens and "of" = the number of batches (for "batch i/n")."""
+    try:
+        plan = plan_for_mapping(**mapping_kwargs(case))
+    except PlanError:
+        return
+    assert all(set(b) == {"index", "start", "stop", "tokens", "of"} for b in plan)
+    assert [b["index"] for b in plan] == list(range(len(plan)))
+    assert {b["of"] for b in plan} <= {len(plan)}
+    assert json.loads(json.dumps(plan)) == plan and all(type(v) is int for b in plan for v in b.values())
+
+
+@given(map_length_cases())
+@example(([1] * 6, 1, None, 1, 3, False)).via("a budget of 3 batches: one model fits only without growing")
+def test_without_a_crossed_list_the_plan_is_the_one_for_a_single_model(
+    case: tuple[list[int], int, int | None, int, int, bool],
+) -> None:
+    """crossed=None (nothing to cross with) plans exactly as one crossed value: the whole budget is the batches'."""
+    kwargs = mapping_kwargs(case)
+    try:
+        single = plan_for_mapping(**kwargs | {"crossed": ["only-model"]})
+    except PlanError as error:
+        with pytest.raises(PlanError, match=re.escape(str(error))):
+            plan_for_mapping(**kwargs | {"crossed": None})
+        return
+    assert plan_for_mapping(**kwargs | {"crossed": None}) == single
+
+
+def test_an_empty_crossed_list_is_a_plan_error_asking_for_models() -> None:
+    """Crossing with an empty list (no model) maps nothing useful: the error says to pass --models."""
+    with pytest.raises(PlanError, match=r"^at least one model is needed; pass --models$"):
+        plan_for_mapping([1, 2], batch_size=1, max_tokens=None, crossed=[], max_map_length=10)
+
+
+def test_no_chunks_plan_no_batches() -> None:
+    """An empty chunk list plans zero batches (the mapped task is then skipped), not an error."""
+    assert plan_for_mapping([], batch_size=4, max_tokens=None, crossed=["m"], max_map_length=1) == []

@@ -16,6 +16,8 @@ import pytest
 from pipeline import DAG_ID
 from pipeline.runner import DAGS_FOLDER, EMBED_TASK
 
+pytestmark = pytest.mark.smoke  # parsing the DAG is cheap on every Airflow
+
 DAG_FILE = Path(DAGS_FOLDER) / "parallel_embeddings.py"
 PARSE_BUDGET_SECONDS = 5.0  # generous: catches heavy top-level work, not a benchmark
 HEAVY_MODULES = ("torch", "lancedb", "pyarrow", "pandas", "transformers", "sentence_transformers")

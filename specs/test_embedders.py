@@ -225,6 +225,7 @@ def test_a_transient_error_keeps_its_message_and_retry_after() -> None:
     assert str(error) == "429 slow down" and error.retry_after == 1.5
 
 
+@pytest.mark.smoke
 def test_openai_names_resolve_through_the_airflow_connection(monkeypatch, tmp_path) -> None:
     """openai:<model>@<conn> builds a client from that Airflow connection (no request when dimensions is set)."""
     conn = {"conn_type": "http", "host": "http://127.0.0.1:9", "password": "k", "extra": {"dimensions": 8}}

@@ -19,7 +19,7 @@ from conftest import AIRFLOW_EXAMPLES
 from pipeline.chunking import chunk_text
 from pipeline.runner import EMBED_TASK
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.smoke]  # cheap enough for every Airflow: all of it is smoke
 
 CHUNK_TOKENS = 5  # one word = one token below, so a document of n words makes ceil(n / 5) chunks
 MODELS = ("hash-words-256", "hash-chars-384")

@@ -92,12 +92,14 @@ def rerun(shared_run, base):
     )
 
 
+@pytest.mark.smoke
 def test_fault_plan_of_the_base_corpus_is_mixed():
     """Precondition of the fault specs: the planned permanent set is neither empty nor every pair."""
     planned = planned_permanent_failures()
     assert 0 < len(planned) < len(expected_chunk_ids()) * len(MODELS)
 
 
+@pytest.mark.smoke
 def test_documents_found_are_embedded_or_rejected(base):
     """documents found = embedded + rejected; the .pdf is no candidate and is not counted."""
     docs = base["documents"]
@@ -106,6 +108,7 @@ def test_documents_found_are_embedded_or_rejected(base):
     assert docs["found"] == len(GOOD) + len(HOSTILE_REASONS)
 
 
+@pytest.mark.smoke
 def test_hostile_files_are_rejected_with_reasons(base):
     """Binary, non-UTF-8, empty, blank, escaping and broken-symlink files are listed as rejected, with why."""
     reasons = {r["path"]: r["reason"] for r in base["documents"]["rejected"]}
@@ -114,6 +117,7 @@ def test_hostile_files_are_rejected_with_reasons(base):
         assert phrase in reasons[path], (path, reasons[path])
 
 
+@pytest.mark.smoke
 def test_embedding_counts_add_up(base):
     """succeeded + failed == expected == chunks × models, overall and per model."""
     e, chunks = base["embeddings"], base["chunks"]
@@ -129,6 +133,7 @@ def test_embedding_counts_add_up(base):
     assert sum(base["failures_by_kind"].values()) == e["failed"]
 
 
+@pytest.mark.smoke
 def test_mapped_instances_match_the_plan(base):
     """The run mapped batches × models task instances, all successful (faults are per input, not per task)."""
     assert base["mapped_task_instances"] == base["batches"]["count"] * len(MODELS)
@@ -137,6 +142,7 @@ def test_mapped_instances_match_the_plan(base):
     assert base["dag_run"]["state"] == "success"
 
 
+@pytest.mark.smoke
 def test_store_holds_one_vector_per_succeeded_pair(base):
     """A fresh store ends with exactly the succeeded (chunk, model) pairs, all newly inserted."""
     store = base["store"]
@@ -145,12 +151,14 @@ def test_store_holds_one_vector_per_succeeded_pair(base):
     assert (store["inserted"], store["updated"]) == (base["embeddings"]["succeeded"], 0)
 
 
+@pytest.mark.smoke
 def test_failures_are_exactly_the_planned_permanent_faults(base):
     """With --fail-rate, the failures listed are exactly FaultPlan's permanent set, each of kind "rejected"."""
     assert failed_pairs(base) == planned_permanent_failures()
     assert {f["kind"] for f in base["failures"]} == {"rejected"}
 
 
+@pytest.mark.smoke
 def test_failures_do_not_depend_on_batch_size(base, rerun):
     """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
     assert base["settings"]["batch_size"] == 4 and rerun["settings"]["batch_size"] == 1
@@ -158,6 +166,7 @@ def test_failures_do_not_depend_on_batch_size(base, rerun):
     assert failed_pairs(rerun) == failed_pairs(base)
 
 
+@pytest.mark.smoke
 def test_rerun_upserts_without_adding_vectors(base, rerun):
     """Re-running the same corpus into the same store inserts nothing and leaves the vector count unchanged."""
     assert rerun["store"]["uri"] == base["store"]["uri"]
@@ -219,6 +228,7 @@ def test_cli_invalid_option_is_a_one_line_error(tmp_path, option, value, phrase)
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.smoke
 def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_template_db):
     """A CLI run (its own Airflow home, copied from the template DB) prints the summary and writes the report."""
     import json
@@ -243,6 +253,7 @@ def test_cli_run_prints_the_summary_and_writes_the_report(tmp_path, airflow_temp
     assert Path(written["store"]["uri"]).parent == tmp_path / "work"
 
 
+@pytest.mark.smoke
 def test_cli_run_over_max_map_length_fails_with_the_reason_and_the_fix(tmp_path, airflow_template_db):
     """Per-chunk mapping beyond [core] max_map_length fails the run (no retries); the last line names limit and fix."""
     home = migrated_home(tmp_path / "home", airflow_template_db)

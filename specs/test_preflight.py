@@ -197,6 +197,7 @@ def test_dag_first_task_refuses_a_missing_connection(run_dag, task_instances, tm
 
 
 @pytest.mark.airflow
+@pytest.mark.smoke
 def test_a_refused_key_fails_each_instance_once_and_costs_only_its_model(run_dag, monkeypatch):
     """The provider answers 401 (wrong key): the first embed instance records why, every instance of that model
     fails once without retries and without another request, its pairs fail as 'config' by chunk id with the

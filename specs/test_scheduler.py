@@ -66,6 +66,7 @@ def test_max_overlap_counts_intervals_open_at_one_instant():
     assert max_overlap([(t(0), t(5))] * 4) == 4
 
 
+@pytest.mark.smoke
 def test_embed_task_runs_in_the_embedding_api_pool(airflow_home):
     """embed_batch names the pool whose slots --api-concurrency sets; the other tasks use the default pool."""
     from airflow.models import DagBag
@@ -75,6 +76,7 @@ def test_embed_task_runs_in_the_embedding_api_pool(airflow_home):
     assert {t.pool for t in dag.tasks if t.task_id != EMBED_TASK} == {"default_pool"}
 
 
+@pytest.mark.smoke
 @pytest.mark.skipif(AIRFLOW_3, reason="Airflow 3 runs scheduler mode; the refusal is Airflow 2's")
 def test_local_executor_is_refused_on_airflow_2_in_one_line(tmp_path):
     """On Airflow 2 --executor local exits 1 with one line naming PostgreSQL, before making a home."""

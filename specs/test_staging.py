@@ -46,6 +46,7 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
 
 
+@pytest.mark.smoke
 def test_a_file_url_stages_through_airflows_object_storage_path(tmp_path) -> None:
     """A ``file://`` work dir goes through Airflow's ObjectStoragePath (as ``s3://`` would) and reads back the same."""
     from pipeline.compat import ObjectStoragePath
