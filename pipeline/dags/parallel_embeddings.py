@@ -23,7 +23,7 @@ from pipeline.batching import map_batches
 from pipeline.compat import Param, dag, fail_task, failure_of, get_current_context, set_map_label, task
 from pipeline.corpus import DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
-from pipeline.settings import GRANULARITIES, Settings
+from pipeline.settings import ALIASES, GRANULARITIES, Settings
 
 # Registry names, or any OpenAI-compatible endpoint as openai:<model>[@<conn_id>].
 MODEL_PATTERN = "^(" + "|".join(re.escape(m) for m in KNOWN_MODELS) + r"|openai:[^@]+(@.+)?)$"
@@ -33,8 +33,12 @@ PARAMS = {
                     minItems=1, description="Embedders to run; each chunk is embedded by each"),
     "granularity": Param("batch", type="string", enum=list(GRANULARITIES),
                          description="One task per batch, or per chunk"),
-    "batch_size": Param(32, type="integer", minimum=1, description="Chunks per batch at most"),
-    "max_batch_tokens": Param(8192, type="integer", minimum=1, description="Tokens per batch (request) at most"),
+    "batch_size": Param("auto", type=["integer", "string"], minimum=1, pattern="^auto$",
+                        description="Chunks per mapped task instance at most, or auto (from the request caps)"),
+    "max_request_tokens": Param(8192, type="integer", minimum=1, description="Tokens per provider request at most"),
+    "max_request_inputs": Param(2048, type="integer", minimum=1, description="Inputs per provider request at most"),
+    "request_concurrency": Param(1, type="integer", minimum=1,
+                                 description="Requests in flight at once per task instance (API models: more)"),
     "chunk_tokens": Param(200, type="integer", minimum=1, description="Tokens per chunk at most"),
     "chunk_overlap": Param(20, type="integer", minimum=0, description="Tokens repeated between chunks"),
     "max_document_bytes": Param(
@@ -88,7 +92,7 @@ def parallel_embeddings():
     @task(multiple_outputs=True)
     def resolve_settings(params: dict | None = None) -> dict:
         """Validate params into settings (fails fast, before any work, naming the bad param)."""
-        return _settings({k: v for k, v in (params or {}).items() if k in PARAMS}).as_dict()
+        return _settings({k: v for k, v in (params or {}).items() if k in PARAMS or k in ALIASES}).as_dict()
 
     @task
     def list_models(settings: dict) -> list[str]:
@@ -170,8 +174,9 @@ def parallel_embeddings():
         embed_batch.partial(settings=settings, chunk_set=chunk_set),
         chunk_set,
         batch_size=settings["effective_batch_size"],
-        max_tokens=settings["max_batch_tokens"],
         grow=settings["batches_may_grow"],
+        request_tokens=settings["max_request_tokens"],
+        request_inputs=settings["max_request_inputs"],
         model=models,
     )
     summary = aggregate_results(chunk_set, plan, models, results)
