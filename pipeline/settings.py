@@ -55,7 +55,8 @@ class Settings:
         need(self.granularity in GRANULARITIES, "granularity", f"use one of {', '.join(GRANULARITIES)}")
         if max_batch_tokens is not None:
             object.__setattr__(self, "max_request_tokens", max_batch_tokens)
-        need(self.batch_size == AUTO or self.batch_size >= 1, "batch_size", "must be >= 1, or auto")
+        size_ok = self.batch_size == AUTO or (isinstance(self.batch_size, int) and self.batch_size >= 1)
+        need(size_ok, "batch_size", "must be >= 1, or auto")
         need(self.max_request_tokens >= 1, "max_request_tokens", "must be >= 1")
         need(self.max_request_inputs >= 1, "max_request_inputs", "must be >= 1")
         need(self.request_concurrency >= 1, "request_concurrency", "must be >= 1")
