@@ -28,7 +28,9 @@ OPTIONS = {
     "models": "models",
     "granularity": "granularity",
     "batch_size": "batch_size",
-    "max_batch_tokens": "max_batch_tokens",
+    "max_request_tokens": "max_request_tokens",
+    "max_request_inputs": "max_request_inputs",
+    "request_concurrency": "request_concurrency",
     "chunk_tokens": "chunk_tokens",
     "chunk_overlap": "chunk_overlap",
     "max_document_bytes": "max_document_bytes",
@@ -63,8 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--granularity", choices=["batch", "chunk"], help="one task per batch (default) or chunk"
     )
-    run.add_argument("--batch-size", type=int, help="chunks per batch at most (default 32)")
-    run.add_argument("--max-batch-tokens", type=int, help="tokens per batch at most (default 8192)")
+    run.add_argument(
+        "--batch-size",
+        help="chunks per mapped task instance at most, or auto (default: auto, from the request caps)",
+    )
+    run.add_argument(
+        "--max-request-tokens",
+        "--max-batch-tokens",  # its old name: a batch used to be one request
+        dest="max_request_tokens",
+        type=int,
+        help="tokens per provider request at most (default 8192)",
+    )
+    run.add_argument(
+        "--max-request-inputs", type=int, help="inputs per provider request at most (default 2048)"
+    )
+    run.add_argument(
+        "--request-concurrency",
+        type=int,
+        help="requests in flight at once inside one task instance (default 1; an API model can use more)",
+    )
     run.add_argument("--chunk-tokens", type=int, help="tokens per chunk at most (default 200)")
     run.add_argument("--chunk-overlap", type=int, help="tokens repeated between chunks (default 20)")
     run.add_argument("--max-document-bytes", type=int, help="larger files are rejected (default 10 MiB)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from pipeline.corpus import DEFAULT_EXTENSIONS, DEFAULT_MAX_DOCUMENT_BYTES
@@ -17,6 +17,9 @@ class SettingsError(ValueError):
 
 GRANULARITIES = ("batch", "chunk")
 DERIVED = ("effective_batch_size", "batches_may_grow")
+AUTO = "auto"  # batch_size chosen by the planner (pipeline.batching.auto_batch_size)
+# Old names still accepted: a batch used to be one request, so its token cap was called max_batch_tokens.
+ALIASES = {"max_batch_tokens": "max_request_tokens"}
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,10 @@ class Settings:
     corpus_dir: str
     models: tuple[str, ...] = DEFAULT_MODELS
     granularity: str = "batch"
-    batch_size: int = 32
-    max_batch_tokens: int = 8192
+    batch_size: int | str = AUTO  # chunks per mapped task instance
+    max_request_tokens: int = 8192  # tokens per provider request (a batch is sent as several requests)
+    max_request_inputs: int = 2048  # inputs per provider request
+    request_concurrency: int = 1  # requests in flight at once inside one task instance
     chunk_tokens: int = 200
     chunk_overlap: int = 20
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -41,16 +46,22 @@ class Settings:
     compare_max_chunks: int = 2000
     # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
     max_failed_share: float = 0.5
+    max_batch_tokens: InitVar[int | None] = None  # alias of max_request_tokens (see ALIASES)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_batch_tokens: int | None) -> None:
         def need(ok: bool, name: str, message: str) -> None:
             if not ok:
                 raise SettingsError(f"{name}={getattr(self, name)!r}: {message}")
 
         need(bool(self.corpus_dir), "corpus_dir", "pass the corpus directory")
         need(self.granularity in GRANULARITIES, "granularity", f"use one of {', '.join(GRANULARITIES)}")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        need(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
+        if max_batch_tokens is not None:
+            object.__setattr__(self, "max_request_tokens", max_batch_tokens)
+        size_ok = self.batch_size == AUTO or (isinstance(self.batch_size, int) and self.batch_size >= 1)
+        need(size_ok, "batch_size", "must be >= 1, or auto")
+        need(self.max_request_tokens >= 1, "max_request_tokens", "must be >= 1")
+        need(self.max_request_inputs >= 1, "max_request_inputs", "must be >= 1")
+        need(self.request_concurrency >= 1, "request_concurrency", "must be >= 1")
         need(self.chunk_tokens >= 1, "chunk_tokens", "must be >= 1")
         need(0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and < chunk_tokens")
         need(self.max_document_bytes >= 1, "max_document_bytes", "must be >= 1")
@@ -84,7 +95,7 @@ class Settings:
         return self.granularity == "batch"
 
     @property
-    def effective_batch_size(self) -> int:
+    def effective_batch_size(self) -> int | str:
         return 1 if self.granularity == "chunk" else self.batch_size
 
     @classmethod
@@ -92,6 +103,12 @@ class Settings:
         """Settings from DAG params / CLI options; unknown keys and wrong types are errors, not ignored."""
         known = {f.name: f for f in fields(cls)}
         params = {k: v for k, v in params.items() if k not in DERIVED}
+        for alias, name in ALIASES.items():
+            if params.get(alias) is not None:
+                if params.get(name) is not None and params[name] != params[alias]:
+                    raise SettingsError(f"{alias} is another name for {name}; pass only {name}")
+                params[name] = params[alias]
+            params.pop(alias, None)
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -103,10 +120,12 @@ class Settings:
                 value = tuple(
                     v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()
                 )
+            elif name == "batch_size" and isinstance(value, str) and value.strip().lower() == AUTO:
+                value = AUTO
             elif name in ("fail_rate", "transient_rate", "backoff_seconds", "max_failed_share"):
                 value = _convert(name, value, float)
-            elif known[name].type in ("int", int):
-                value = _convert(name, value, int)
+            elif known[name].type in ("int", int, "int | str"):
+                value = _convert(name, value, int, "an integer or auto" if name == "batch_size" else "")
             values[name] = value
         return cls(**values)
 
@@ -116,8 +135,8 @@ class Settings:
         return plain | {name: getattr(self, name) for name in DERIVED}
 
 
-def _convert(name: str, value: Any, kind: type) -> Any:
-    wanted = "an integer" if kind is int else "a number"
+def _convert(name: str, value: Any, kind: type, wanted: str = "") -> Any:
+    wanted = wanted or ("an integer" if kind is int else "a number")
     if isinstance(value, bool):
         raise SettingsError(f"{name}={value!r}: expected {wanted}")
     try:
@@ -127,3 +146,7 @@ def _convert(name: str, value: Any, kind: type) -> Any:
     if kind is int and converted != float(value):
         raise SettingsError(f"{name}={value!r}: expected a whole number")
     return converted
+
+
+# The old attribute name reads the new one (InitVar leaves only its default, None, on the class).
+Settings.max_batch_tokens = property(lambda self: self.max_request_tokens)  # type: ignore[assignment,method-assign]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline import aggregate, compare, corpus, staging, store
+from pipeline import aggregate, compare, corpus, dispatch, staging, store
 from pipeline.chunking import chunk_text
 from pipeline.embedders import Embedder, EmbeddingConfigError, get_embedder
 from pipeline.faults import FaultyCall
@@ -126,20 +126,25 @@ def embed_batch(
 ) -> dict[str, Any]:
     """Embed one planned batch with one model. Never raises for bad inputs: they become recorded failures."""
     chunks = staging.read_chunks(chunk_set, batch["start"], batch["stop"])
-    cap = settings.max_batch_tokens
+    cap = settings.max_request_tokens
+    requests = dispatch.plan_requests(
+        [c.tokens for c in chunks], max_tokens=cap, max_inputs=settings.max_request_inputs
+    )
     failures = [
-        [c.id, "oversize", f"{c.tokens} tokens, above max_batch_tokens={cap}; raise it or lower chunk_tokens"]
-        for c in chunks
-        if c.tokens > cap
-    ]
-    sendable = [c for c in chunks if c.tokens <= cap]
+        [chunks[i].id, "oversize", f"{chunks[i].tokens} tokens, above max_request_tokens={cap}; raise it or "
+         "lower chunk_tokens"]
+        for i in requests.oversize
+    ]  # fmt: skip
     embedder = load_embedder(model, settings, directory)
+    call = FaultyCall(settings.fault_plan, model, embedder.embed)
+    backoff = Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts)
     try:
-        outcome = embed_resiliently(
-            [c.id for c in sendable],
-            [c.text for c in sendable],
-            FaultyCall(settings.fault_plan, model, embedder.embed),
-            backoff=Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts),
+        outcome = dispatch.send_requests(
+            [c.id for c in chunks],
+            [c.text for c in chunks],
+            requests.requests,
+            lambda ids, texts: embed_resiliently(ids, texts, call, backoff=backoff),
+            concurrency=settings.request_concurrency,
         )
     except EmbeddingConfigError as exc:  # the provider refused credentials/model mid-run (401/403/404)
         raise _configuration_failed(directory, model, exc) from None
@@ -150,8 +155,8 @@ def embed_batch(
         staged = f"vectors/{store.table_name(model)}/{batch['index']:06d}.npz"
         staging.write_vectors(f"{directory}/{staged}", outcome.ids, vectors)
     log.info(
-        "batch %d (%d chunks) x %s: %d ok, %d failed, %d calls",
-        batch["index"], len(chunks), model, len(outcome.ids), len(failures), outcome.calls,
+        "batch %d (%d chunks, %d requests) x %s: %d ok, %d failed, %d calls",
+        batch["index"], len(chunks), len(requests.requests), model, len(outcome.ids), len(failures), outcome.calls,
     )  # fmt: skip
     return {
         "batch": batch["index"],

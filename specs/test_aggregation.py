@@ -161,17 +161,16 @@ def test_embed_batch_results_reconcile_to_the_fault_plans_permanent_set(
     seed: int,
     data: st.DataObject,
 ) -> None:
-    """Through the real steps (staged chunks, embed_batch per batch × model, some dropped), the failed pairs are
-    the fault plan's permanent pairs, oversize chunks, and the pairs of dropped task instances."""
+    """Through the real steps (staged chunks, embed_batch per batch × model, sent as several requests, some
+    in flight together; some task instances dropped), the failed pairs are the fault plan's permanent pairs,
+    oversize chunks, and the pairs of dropped task instances."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Settings(corpus_dir=tmp, work_dir=tmp, models=tuple(models), fail_rate=fail, transient_rate=transient,
-                       fail_seed=seed, backoff_seconds=0.0, max_batch_tokens=30, chunk_tokens=40, chunk_overlap=5)  # fmt: skip
+                       fail_seed=seed, backoff_seconds=0.0, max_request_tokens=30, chunk_tokens=40, chunk_overlap=5,
+                       max_request_inputs=data.draw(st.integers(1, 4)), request_concurrency=data.draw(st.integers(1, 3)))  # fmt: skip
         chunks = [c for i, d in enumerate(docs) for c in chunk_text(f"d{i}.txt", d, max_tokens=40, overlap=5)]
         chunk_set = staging.write_chunk_set(f"{tmp}/chunks", chunks)
-        plan = [
-            b.as_dict()
-            for b in plan_batches([c.tokens for c in chunks], batch_size=batch_size, max_tokens=30)
-        ]
+        plan = [b.as_dict() for b in plan_batches([c.tokens for c in chunks], batch_size=batch_size)]
         results = [steps.embed_batch(run, chunk_set, b, m, tmp) for b in plan for m in models]
         dropped = data.draw(st.sets(st.sampled_from(range(len(results))), max_size=2)) if results else set()
         summary = steps.aggregate_results(

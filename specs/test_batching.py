@@ -6,12 +6,28 @@ import itertools
 import json
 import math
 import re
+import time
 
+import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.batching import Batch, PlanError, plan_batches, plan_for_mapping, plan_within_map_length
+from pipeline.batching import (
+    OVERHEAD_SHARE,
+    PARALLEL_INSTANCES,
+    REQUEST_SECONDS,
+    REQUESTS_PER_INSTANCE,
+    TASK_INSTANCE_SECONDS,
+    Batch,
+    PlanError,
+    auto_batch_size,
+    plan_batches,
+    plan_for_mapping,
+    plan_within_map_length,
+    resolve_batch_size,
+)
+from pipeline.settings import Settings
 from specs.strategies import batch_sizes, token_caps, token_count_lists
 
 
@@ -173,21 +189,146 @@ def test_a_100k_chunk_corpus_plans_within_max_map_length():
 
 
 @pytest.mark.parametrize(
-    ("grow", "fix"),
+    ("grow", "max_tokens", "fix"),
     [
-        (True, "raise --max-batch-tokens, use fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
-        (False, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (True, 10, "raise max_tokens (the per-batch token cap), use fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (False, 10, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (False, None, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
     ],
-)
+)  # fmt: skip
 def test_a_plan_over_max_map_length_counts_the_instances_and_says_what_to_change(
-    grow: bool, fix: str
+    grow: bool, max_tokens: int | None, fix: str
 ) -> None:
     """The error gives inputs x models = instances against the limit, then the settings that would fit it."""
-    with pytest.raises(PlanError) as raised:  # a token cap of one chunk: 6 batches whatever the batch size
-        plan_within_map_length([10] * 6, batch_size=1, max_tokens=10, fan_out=2, max_map_length=4, grow=grow)
+    with pytest.raises(PlanError) as raised:  # a token cap of one chunk, or batches of one: 6 batches
+        plan_within_map_length(
+            [10] * 6, batch_size=1, max_tokens=max_tokens, fan_out=2, max_map_length=4, grow=grow
+        )
     assert str(raised.value) == (
         f"6 inputs x 2 models = 12 mapped task instances, above [core] max_map_length=4; {fix}"
     )
+
+
+def test_more_models_than_max_map_length_is_refused_asking_for_fewer_models() -> None:
+    """Without a token cap growth always fits, unless even one batch per model is too many."""
+    with pytest.raises(PlanError) as raised:
+        plan_within_map_length([1, 2], batch_size=1, max_tokens=None, fan_out=3, max_map_length=2)
+    assert str(raised.value) == (
+        "2 inputs x 3 models = 6 mapped task instances, above [core] max_map_length=2; use fewer models, "
+        "or raise AIRFLOW__CORE__MAX_MAP_LENGTH"
+    )
+
+
+# ------------------------------------------------------------------------------- batch size "auto"
+
+
+def chunks_per_request(counts: np.ndarray, request_tokens: int, request_inputs: int) -> int:
+    """Chunks of an average size that fill one request (at least one)."""
+    mean = max(1.0, float(counts.sum()) / len(counts))
+    return max(1, min(request_inputs, int(request_tokens // mean)))
+
+
+@st.composite
+def corpora_token_counts(draw: st.DrawFn, *, max_chunks: int = 1_000_000) -> np.ndarray:
+    """Token counts of a corpus of 0 … max_chunks chunks: constant, uniform, or mostly small with long ones."""
+    n = draw(st.one_of(st.integers(0, 50), st.integers(0, max_chunks), st.just(max_chunks)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    top = draw(st.integers(1, 10_000))  # a chunk's tokens: up to chunk_tokens, which may be large
+    shape = draw(st.sampled_from(["constant", "uniform", "heavy"]))
+    if shape == "constant":
+        return np.full(n, top, dtype=np.int64)
+    if shape == "uniform":
+        return rng.integers(1, top + 1, size=n, dtype=np.int64)
+    return np.where(rng.random(n) < 0.95, rng.integers(1, 20, size=n), rng.integers(1, top + 1, size=n))
+
+
+def default_plan(counts: np.ndarray, models: int, max_map_length: int = 1024) -> tuple[list[Batch], int]:
+    """What the plan task does with default settings: resolve batch_size auto, then fit max_map_length."""
+    s = Settings("corpus")
+    size = resolve_batch_size(
+        s.effective_batch_size, counts, fan_out=models,
+        request_tokens=s.max_request_tokens, request_inputs=s.max_request_inputs,
+    )  # fmt: skip
+    plan = plan_within_map_length(
+        counts, batch_size=size, max_tokens=None, fan_out=models, max_map_length=max_map_length,
+        grow=s.batches_may_grow,
+    )  # fmt: skip
+    return plan, size
+
+
+@settings(max_examples=12, deadline=None)
+@given(corpora_token_counts(), st.integers(1, 3))
+@example(np.full(1_000_000, 200, dtype=np.int64), 3).via("a million full chunks x 3 models")
+@example(np.full(98_480, 170, dtype=np.int64), 2).via(
+    "the issue's 98,480-chunk corpus that the defaults refused"
+)
+@example(np.ones(1_000_000, dtype=np.int64), 3).via("a million one-token chunks: a request holds 2048 inputs")
+def test_default_settings_plan_any_corpus_up_to_a_million_chunks_x_3_models_within_max_map_length(
+    counts: np.ndarray, models: int
+) -> None:
+    """With default settings every corpus up to 1,000,000 chunks x 3 models plans within max_map_length=1024,
+    each chunk in exactly one batch, in order."""
+    plan, _ = default_plan(counts, models)
+    assert len(plan) * models <= 1024
+    starts, stops = np.array([b.start for b in plan]), np.array([b.stop for b in plan])
+    assert (starts[1:] == stops[:-1]).all() and (stops > starts).all()
+    assert (plan[0].start, plan[-1].stop) == (0, len(counts)) if plan else len(counts) == 0
+    assert sum(b.tokens for b in plan) == int(counts.sum())
+
+
+def test_planning_a_million_chunks_takes_well_under_a_second_or_two() -> None:
+    """The planner is arithmetic over a numpy array, not a loop per chunk (a budget, not a benchmark)."""
+    counts = np.random.default_rng(0).integers(1, 200, size=1_000_000)
+    started = time.perf_counter()
+    default_plan(counts, 3)
+    assert time.perf_counter() - started < 2.0
+
+
+@given(
+    corpora_token_counts(max_chunks=200_000), st.integers(1, 3), st.integers(1, 20_000), st.integers(1, 4096)
+)
+def test_auto_gives_each_task_instance_one_to_sixteen_requests_of_work_split_for_parallel_slots(
+    counts: np.ndarray, models: int, request_tokens: int, request_inputs: int
+) -> None:
+    """auto: at least one full request of chunks per task instance, at most 16 (orchestration a few percent),
+    and no more than needed for 32 task instances over all models (parallel slots get work)."""
+    size = auto_batch_size(
+        counts, fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs
+    )
+    if len(counts) == 0:
+        assert size == 1
+        return
+    per_request = chunks_per_request(counts, request_tokens, request_inputs)
+    assert per_request <= size <= REQUESTS_PER_INSTANCE * per_request
+    assert size <= max(per_request, math.ceil(len(counts) / math.ceil(PARALLEL_INSTANCES / models)))
+
+
+def test_the_auto_rule_keeps_overhead_within_five_percent_of_sixteen_requests() -> None:
+    """16 requests of >= 0.5 s each against <= 0.4 s of orchestration per task instance: at most 5 %."""
+    assert REQUESTS_PER_INSTANCE == 16
+    assert TASK_INSTANCE_SECONDS / (REQUESTS_PER_INSTANCE * REQUEST_SECONDS) <= OVERHEAD_SHARE == 0.05
+
+
+@pytest.mark.parametrize(
+    ("chunks", "mean_tokens", "models", "size", "instances"),
+    [
+        (1258, 169, 2, 79, 32),  # the sample corpus: spread over 32 task instances (was 80 at batch_size 32)
+        (98_480, 170, 2, 768, 258),  # the issue's corpus: 16 requests of 48 chunks each (was refused)
+        (5, 20, 2, 409, 2),  # a handful of chunks: one task instance per model
+    ],
+)
+def test_auto_batch_sizes_of_known_corpora(
+    chunks: int, mean_tokens: int, models: int, size: int, instances: int
+):
+    """Worked examples of the rule with default request caps (8192 tokens, 2048 inputs)."""
+    counts = np.full(chunks, mean_tokens)
+    plan, resolved = default_plan(counts, models)
+    assert (resolved, len(plan) * models) == (size, instances)
+
+
+def test_an_explicit_batch_size_is_used_as_given() -> None:
+    """A number is a number: resolve_batch_size only replaces "auto"."""
+    assert resolve_batch_size(7, [1] * 100, fan_out=2, request_tokens=10, request_inputs=10) == 7
 
 
 # ------------------------------------------------------------------ map_batches' planning task, without Airflow

@@ -40,7 +40,8 @@ def test_a_huge_batch_size_plans_one_batch_holding_every_chunk():
 
 
 def test_a_token_cap_below_a_chunk_records_that_chunk_as_oversize_and_embeds_the_rest(tmp_path):
-    """A chunk above max_batch_tokens is a recorded 'oversize' failure naming the setting; its neighbours embed."""
+    """A chunk above max_request_tokens (old name max_batch_tokens) is a recorded 'oversize' failure naming the
+    setting; its neighbours embed."""
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("tiny")
     (tmp_path / "corpus" / "b.txt").write_text("word " * 50)
@@ -54,7 +55,7 @@ def test_a_token_cap_below_a_chunk_records_that_chunk_as_oversize_and_embeds_the
     assert result["succeeded"] == 1
     [(chunk_id, kind, error)] = result["failures"]
     assert chunk_id.startswith("b.txt#0:") and kind == "oversize"
-    assert "max_batch_tokens=10" in error
+    assert "max_request_tokens=10" in error
 
 
 @pytest.mark.parametrize("name", ["fail_rate", "transient_rate"])

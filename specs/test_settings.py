@@ -18,8 +18,10 @@ BAD_VALUES: dict[str, list[Any]] = {
     "corpus_dir": [""],
     "models": ["nope", ["hash-words-256", "gpt-17"], ""],
     "granularity": ["document", "BATCH"],
-    "batch_size": [0, -3, "abc", 1.5, True, "2.5", float("nan"), float("inf")],
-    "max_batch_tokens": [0, "many"],
+    "batch_size": [0, -3, "abc", 1.5, True, "2.5", float("nan"), float("inf"), "automatic"],
+    "max_request_tokens": [0, "many"],
+    "max_request_inputs": [0, -1, "all"],
+    "request_concurrency": [0, 1.5],
     "chunk_tokens": [0, -1, 2.5],
     "chunk_overlap": [-1, 200, 10**6],
     "extensions": ["", " , "],
@@ -70,8 +72,12 @@ def valid_params(draw: st.DrawFn) -> dict[str, Any]:
         "corpus_dir": draw(st.sampled_from(["corpus", "/data/corpus"])),
         "models": draw(model_lists().map(lambda ms: draw(st.sampled_from([ms, ",".join(ms)])))),
         "granularity": draw(st.sampled_from(["batch", "chunk"])),
-        "batch_size": draw(st.integers(1, 512).map(lambda n: draw(st.sampled_from([n, str(n), float(n)])))),
-        "max_batch_tokens": draw(st.integers(1, 10**5)),
+        "batch_size": draw(
+            st.integers(1, 512).map(lambda n: draw(st.sampled_from([n, str(n), float(n), "auto", "AUTO"])))
+        ),
+        "max_request_tokens": draw(st.integers(1, 10**5)),
+        "max_request_inputs": draw(st.integers(1, 4096)),
+        "request_concurrency": draw(st.integers(1, 64)),
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": draw(st.integers(0, chunk_tokens - 1)),
         "extensions": draw(st.sampled_from([[".txt"], ".txt,.md", [".md", ".rst"]])),
@@ -104,7 +110,9 @@ def test_as_dict_round_trips_through_from_params(params: dict[str, Any]) -> None
 def test_valid_params_are_converted_to_typed_values(params: dict[str, Any]) -> None:
     """Numbers given as strings or whole floats become ints; CSV lists become tuples without blanks."""
     settings = Settings.from_params(params)
-    assert isinstance(settings.batch_size, int) and isinstance(settings.models, tuple)
+    assert (isinstance(settings.batch_size, int) or settings.batch_size == "auto") and isinstance(
+        settings.models, tuple
+    )
     assert set(settings.models) <= set(OFFLINE_MODELS) and all(e.strip() for e in settings.extensions)
     assert settings.effective_batch_size == (1 if settings.granularity == "chunk" else settings.batch_size)
 
@@ -125,8 +133,10 @@ def test_the_store_defaults_to_the_work_dir() -> None:
 FIXES: dict[str, tuple[Any, str]] = {
     "corpus_dir": ("", "pass the corpus directory"),
     "granularity": ("document", "use one of batch, chunk"),
-    "batch_size": (0, "must be >= 1"),
-    "max_batch_tokens": (0, "must be >= 1"),
+    "batch_size": (0, "must be >= 1, or auto"),
+    "max_request_tokens": (0, "must be >= 1"),
+    "max_request_inputs": (0, "must be >= 1"),
+    "request_concurrency": (0, "must be >= 1"),
     "chunk_tokens": (0, "must be >= 1"),
     "chunk_overlap": (200, "must be >= 0 and < chunk_tokens"),
     "max_document_bytes": (0, "must be >= 1"),
@@ -148,7 +158,8 @@ def test_the_error_shows_the_setting_the_value_given_and_the_fix(name: str) -> N
 
 # The smallest value each numeric setting accepts (one below it is refused, by BAD_VALUES / FIXES).
 SMALLEST_ACCEPTED = {
-    "batch_size": 1, "max_batch_tokens": 1, "max_document_bytes": 1, "max_attempts": 1,
+    "batch_size": 1, "max_request_tokens": 1, "max_request_inputs": 1, "request_concurrency": 1,
+    "max_document_bytes": 1, "max_attempts": 1,
     "backoff_seconds": 0.0, "compare_max_chunks": 2,
 }  # fmt: skip
 
@@ -193,7 +204,7 @@ def test_a_none_param_does_not_stop_the_ones_after_it() -> None:
     settings = Settings.from_params(
         {"corpus_dir": "c", "batch_size": None, "chunk_tokens": 50, "chunk_overlap": 5}
     )
-    assert (settings.batch_size, settings.chunk_tokens, settings.chunk_overlap) == (32, 50, 5)
+    assert (settings.batch_size, settings.chunk_tokens, settings.chunk_overlap) == ("auto", 50, 5)
 
 
 @pytest.mark.parametrize("name", ["fail_rate", "transient_rate", "backoff_seconds"])
@@ -223,11 +234,11 @@ def test_a_fractional_count_is_refused_not_rounded(value: Any) -> None:
     """batch_size=2.5 is an error, never silently 2."""
     with pytest.raises(SettingsError) as raised:
         Settings.from_params({"corpus_dir": "c", "batch_size": value})
-    expected = "expected a whole number" if isinstance(value, float) else "expected an integer"
+    expected = "expected a whole number" if isinstance(value, float) else "expected an integer or auto"
     assert str(raised.value) == f"batch_size={value!r}: {expected}"
 
 
-@pytest.mark.parametrize(("name", "value", "wanted"), [("batch_size", "many", "an integer"),
+@pytest.mark.parametrize(("name", "value", "wanted"), [("batch_size", "many", "an integer or auto"),
                                                         ("fail_rate", "half", "a number"),
                                                         ("max_attempts", True, "an integer")])  # fmt: skip
 def test_a_value_of_the_wrong_type_says_what_type_is_expected(name: str, value: Any, wanted: str) -> None:
@@ -235,3 +246,29 @@ def test_a_value_of_the_wrong_type_says_what_type_is_expected(name: str, value: 
     with pytest.raises(SettingsError) as raised:
         Settings.from_params({"corpus_dir": "c", name: value})
     assert str(raised.value) == f"{name}={value!r}: expected {wanted}"
+
+
+def test_batch_size_auto_is_the_default_and_is_accepted_in_any_case() -> None:
+    """batch_size defaults to auto (the planner sizes batches); "Auto" and " auto " mean the same."""
+    assert Settings("c").batch_size == "auto"
+    assert Settings.from_params({"corpus_dir": "c", "batch_size": " Auto "}).batch_size == "auto"
+    assert Settings("c", granularity="chunk").effective_batch_size == 1
+
+
+def test_max_batch_tokens_is_still_accepted_as_the_old_name_of_max_request_tokens() -> None:
+    """The old name sets the request token cap, as a param, a keyword or an attribute; as_dict has the new name."""
+    by_param = Settings.from_params({"corpus_dir": "c", "max_batch_tokens": "300"})
+    by_keyword = Settings("c", max_batch_tokens=300)
+    assert by_param == by_keyword == Settings("c", max_request_tokens=300)
+    assert by_keyword.max_batch_tokens == by_keyword.max_request_tokens == 300
+    assert "max_batch_tokens" not in by_param.as_dict() and by_param.as_dict()["max_request_tokens"] == 300
+
+
+def test_the_old_and_new_name_disagreeing_is_refused() -> None:
+    """max_batch_tokens and max_request_tokens given with different values: an error naming both."""
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_params({"corpus_dir": "c", "max_batch_tokens": 10, "max_request_tokens": 20})
+    assert (
+        str(raised.value)
+        == "max_batch_tokens is another name for max_request_tokens; pass only max_request_tokens"
+    )

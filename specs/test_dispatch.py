@@ -1,0 +1,160 @@
+"""A task instance's batch as provider requests: split within the request caps, sent with several in flight."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pipeline.dispatch import plan_requests, send_requests
+from pipeline.embedders import EmbeddingConfigError
+from pipeline.faults import FaultPlan, FaultyCall
+from pipeline.resilience import Backoff, Outcome, embed_resiliently
+from specs.strategies import chunk_ids, token_count_lists, unit_vectors
+
+caps = st.tuples(st.integers(1, 120), st.integers(1, 8))  # (max_tokens, max_inputs)
+
+
+@given(token_count_lists(), caps)
+@example([5, 10**5, 5], (50, 8)).via("one huge chunk between small ones")
+@example([], (1, 1)).via("an empty batch sends nothing")
+def test_every_chunk_is_in_exactly_one_request_or_oversize_in_order(
+    counts: list[int], cap: tuple[int, int]
+) -> None:
+    """Requests hold batch positions in increasing order; with the oversize ones they cover the batch once."""
+    plan = plan_requests(counts, max_tokens=cap[0], max_inputs=cap[1])
+    sent = [p for r in plan.requests for p in r]
+    assert sent == sorted(sent) and all(plan.requests)
+    assert sorted(sent + plan.oversize) == list(range(len(counts)))
+
+
+@given(token_count_lists(), caps)
+def test_no_request_is_over_either_cap_and_only_chunks_above_the_token_cap_are_oversize(
+    counts: list[int], cap: tuple[int, int]
+) -> None:
+    """Each request has at most max_inputs inputs and max_tokens tokens; oversize = the chunks above max_tokens."""
+    max_tokens, max_inputs = cap
+    plan = plan_requests(counts, max_tokens=max_tokens, max_inputs=max_inputs)
+    for r in plan.requests:
+        assert len(r) <= max_inputs and sum(counts[p] for p in r) <= max_tokens
+    assert plan.oversize == [i for i, c in enumerate(counts) if c > max_tokens]
+
+
+@given(token_count_lists(), caps)
+def test_a_request_is_closed_only_when_the_next_chunk_would_break_a_cap(
+    counts: list[int], cap: tuple[int, int]
+) -> None:
+    """Adding the next request's first chunk to a request would exceed max_inputs or max_tokens (fewest calls)."""
+    max_tokens, max_inputs = cap
+    plan = plan_requests(counts, max_tokens=max_tokens, max_inputs=max_inputs)
+    for r, nxt in itertools.pairwise(plan.requests):
+        assert len(r) + 1 > max_inputs or sum(counts[p] for p in r) + counts[nxt[0]] > max_tokens
+
+
+@pytest.mark.parametrize(("max_tokens", "max_inputs"), [(0, 1), (1, 0)])
+def test_request_caps_below_one_are_refused_naming_both(max_tokens: int, max_inputs: int) -> None:
+    """A cap below 1 cannot hold any chunk: a ValueError naming both caps."""
+    with pytest.raises(ValueError, match=f"max_tokens={max_tokens}, max_inputs={max_inputs}"):
+        plan_requests([1], max_tokens=max_tokens, max_inputs=max_inputs)
+
+
+def resilient_sender(plan: FaultPlan) -> tuple[FaultyCall, Backoff]:
+    return FaultyCall(plan, "m", lambda texts: unit_vectors(list(texts), 4)), Backoff(
+        base=0.0, max_attempts=3
+    )
+
+
+def send_all(ids: list[str], requests: Sequence[Sequence[int]], plan: FaultPlan, concurrency: int) -> Outcome:
+    call, backoff = resilient_sender(plan)
+    return send_requests(
+        ids,
+        ids,
+        requests,
+        lambda i, t: embed_resiliently(i, t, call, backoff=backoff),
+        concurrency=concurrency,
+    )
+
+
+@st.composite
+def sends(draw: st.DrawFn) -> tuple[list[str], list[list[int]], FaultPlan, int]:
+    """Chunk ids, requests over them (from random caps), a fault plan and a concurrency of 1-6."""
+    ids = draw(chunk_ids(min_size=0, max_size=30))
+    requests = plan_requests([1] * len(ids), max_tokens=draw(st.integers(1, 8)), max_inputs=8).requests
+    rates = st.floats(0.0, 0.4)
+    plan = FaultPlan(draw(rates), draw(rates), draw(st.integers(0, 100)))
+    return ids, requests, plan, draw(st.integers(1, 6))
+
+
+@given(sends())
+def test_requests_in_flight_at_once_give_the_same_outcome_as_one_at_a_time(
+    case: tuple[list[str], list[list[int]], FaultPlan, int],
+) -> None:
+    """Ids, vectors, failures and calls with any concurrency equal the serial outcome, in request order."""
+    ids, requests, plan, concurrency = case
+    serial, parallel = send_all(ids, requests, plan, 1), send_all(ids, requests, plan, concurrency)
+    assert parallel.ids == serial.ids and parallel.failures == serial.failures
+    assert (parallel.calls, parallel.retried) == (serial.calls, serial.retried)
+    assert (parallel.matrix(4) == serial.matrix(4)).all()
+
+
+@given(sends())
+def test_every_sent_chunk_ends_once_as_a_vector_or_a_failure_in_batch_order(
+    case: tuple[list[str], list[list[int]], FaultPlan, int],
+) -> None:
+    """Succeeded ids keep the batch order; succeeded and failed together are every chunk, once."""
+    ids, requests, plan, concurrency = case
+    out = send_all(ids, requests, plan, concurrency)
+    position = {i: p for p, i in enumerate(ids)}
+    assert [position[i] for i in out.ids] == sorted(position[i] for i in out.ids)
+    assert sorted([*out.ids, *(f.chunk_id for f in out.failures)]) == sorted(ids)
+    assert out.matrix(4).shape == (len(out.ids), 4)
+
+
+@pytest.mark.parametrize("concurrency", [2, 4])
+def test_concurrency_n_keeps_n_requests_in_flight_and_never_more(concurrency: int) -> None:
+    """With concurrency n, n requests wait on one another at once (a barrier of n parties opens), never n + 1."""
+    barrier = threading.Barrier(concurrency, timeout=10)
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+
+    def send(ids: Sequence[str], texts: Sequence[str]) -> Outcome:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        barrier.wait()  # raises BrokenBarrierError unless `concurrency` requests are in flight together
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+        return Outcome(ids=list(ids), vectors=[unit_vectors(list(ids), 4)], calls=1)
+
+    ids = [f"c{i}" for i in range(3 * concurrency)]
+    out = send_requests(ids, ids, [[i] for i in range(len(ids))], send, concurrency=concurrency)
+    assert out.ids == ids and out.calls == len(ids)
+    assert peak[0] == concurrency
+
+
+def test_an_error_resending_cannot_fix_propagates_and_stops_the_rest() -> None:
+    """A configuration error (bad credentials) in one request fails the batch; later requests are not sent."""
+    sent: list[str] = []
+
+    def send(ids: Sequence[str], texts: Sequence[str]) -> Outcome:
+        sent.extend(ids)
+        if ids[0] == "c1":
+            raise EmbeddingConfigError("401 from the provider")
+        time.sleep(0.01)
+        return Outcome(ids=list(ids), vectors=[unit_vectors(list(ids), 4)], calls=1)
+
+    ids = [f"c{i}" for i in range(40)]
+    with pytest.raises(EmbeddingConfigError, match="401"):
+        send_requests(ids, ids, [[i] for i in range(len(ids))], send, concurrency=2)
+    assert "c1" in sent and len(sent) < len(ids)
+
+
+def test_concurrency_below_one_is_refused() -> None:
+    """concurrency 0 would send nothing: a ValueError naming it."""
+    with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
+        send_requests([], [], [], lambda i, t: Outcome(), concurrency=0)
