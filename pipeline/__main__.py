@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.corpus import CorpusError, resolve_root
+from pipeline.object_storage import ObjectStorageError
 from pipeline.settings import Settings, SettingsError
 
 # CLI option -> setting name; every one of them is also a DAG param.
@@ -31,6 +32,7 @@ OPTIONS = {
     "store": "store_uri",
     "report": "report_path",
     "work_dir": "work_dir",
+    "object_storage_conn_id": "object_storage_conn_id",
 }
 
 
@@ -57,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-seed", type=int, help="seed of the injected failures (default 0)")
     run.add_argument("--store", help="LanceDB URI (default: WORK_DIR/store)")
     run.add_argument("--report", help="report JSON path (default: WORK_DIR/reports/<run id>.json)")
-    run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
+    run.add_argument(
+        "--work-dir",
+        default="work",
+        help="staging, reports, default store: a folder or s3://… (default: ./work)",
+    )
+    run.add_argument(
+        "--object-storage-conn-id",
+        help="Airflow connection of s3://… work dir and store: endpoint, region, keys (default: aws_default)",
+    )
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
     run.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
     run.add_argument(
@@ -111,13 +121,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, option, None)
         if value is not None:
             params[name] = value
-    params["work_dir"] = os.path.abspath(params["work_dir"])
-    settings = Settings.from_params(params)
+    settings = Settings.from_params(params)  # makes local paths absolute, leaves s3://… as it is
     if not settings.report_path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        params["report_path"] = os.path.join(settings.work_dir, "reports", f"report-{stamp}.json")
-    else:
-        params["report_path"] = os.path.abspath(settings.report_path)
+        params["report_path"] = f"{settings.work_dir.rstrip('/')}/reports/report-{stamp}.json"
     return Settings.from_params(params)
 
 
@@ -151,6 +158,7 @@ def command_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
+    check_object_storage(settings)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if local:
         report = scheduler.run_scheduled(
@@ -161,6 +169,15 @@ def command_run(args: argparse.Namespace) -> int:
         report = runner.run_dag(settings.as_dict(), progress=say)
     print(render_summary(report, time.monotonic() - started))
     return 0
+
+
+def check_object_storage(settings: Settings) -> None:
+    """Object storage locations must be writable through their connection before any task runs."""
+    from pipeline.object_storage import check_location, is_url
+
+    for uri in dict.fromkeys((settings.work_dir, settings.store_uri)):
+        if is_url(uri):
+            check_location(uri, settings.object_storage_conn_id)
 
 
 def render_summary(report: dict[str, Any], seconds: float) -> str:
@@ -218,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (Airflow processes stopped)", file=sys.stderr)
         return 130
-    except (SettingsError, CorpusError) as exc:
+    except (SettingsError, CorpusError, ObjectStorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
