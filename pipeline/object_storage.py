@@ -21,6 +21,7 @@ from pipeline import OBJECT_STORAGE_CONN_ID as DEFAULT_CONN_ID
 # How s3fs/botocore and LanceDB (Rust object_store) word the three failures a user can fix.
 NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist|[Bb]ucket not found")
 DENIED = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\b403\b")
+OBJECT_STORE = re.compile(r'store: "|object_store|ObjectStore|object store')
 UNREACHABLE = re.compile(
     r"EndpointConnectionError|Connect(ion|or)?Error|[Cc]onnection refused|dns error|ConnectTimeout"
 )
@@ -86,7 +87,10 @@ def lancedb_storage_options(uri: str, conn_id: str = DEFAULT_CONN_ID) -> dict[st
 
 def describe(exc: BaseException, uri: str, conn_id: str) -> ObjectStorageError | None:
     """The one-line error for a storage failure at ``uri``, or None if ``exc`` is not a storage failure."""
-    text = " ".join(f"{type(e).__name__} {e}" for e in _chain(exc))
+    chain = list(_chain(exc))
+    text = " ".join(f"{type(e).__name__} {e}" for e in chain)
+    if not any(_from_storage(e) for e in chain):  # e.g. an embedding API's 403 is not the bucket's
+        return None
     where = f"{uri} (connection {conn_id!r})"
     bucket = uri.split("://", 1)[-1].split("/", 1)[0]
     if NO_BUCKET.search(text) or (isinstance(exc, FileNotFoundError) and is_url(uri)):
@@ -103,9 +107,19 @@ def describe(exc: BaseException, uri: str, conn_id: str) -> ObjectStorageError |
             f"{conn_id!r}",
             permanent=False,
         )
-    if isinstance(exc, OSError) and not is_url(uri):
+    root = uri.removeprefix("file://")
+    if isinstance(exc, OSError) and not is_url(uri) and str(exc.filename or "").startswith(root):
         return ObjectStorageError(f"{uri}: not writable ({exc.strerror or exc}); fix the path or its rights")
     return None
+
+
+def _from_storage(exc: BaseException) -> bool:
+    """Raised by a storage client: the OS, botocore / s3fs / aiohttp, or LanceDB's object_store (Rust)."""
+    if isinstance(exc, OSError):
+        return True
+    if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec"):
+        return True
+    return isinstance(exc, (ValueError, RuntimeError)) and bool(OBJECT_STORE.search(str(exc)))
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:

@@ -196,6 +196,30 @@ def test_check_location_on_a_local_folder_creates_it_and_leaves_it_empty(tmp_pat
     assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())
 
 
+def test_check_location_refuses_a_local_path_that_cannot_be_a_folder(tmp_path) -> None:
+    """A local location under a regular file fails in one line naming the location."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(object_storage.ObjectStorageError) as refused:
+        object_storage.check_location(str(tmp_path / "file" / "work"), "aws_default")
+    assert str(refused.value).startswith(f"{tmp_path / 'file' / 'work'}: not writable (")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("HTTP 403 Forbidden from the embedding API"),
+        RuntimeError("connection refused by the model"),
+    ],
+)
+def test_errors_from_elsewhere_are_not_blamed_on_storage(error) -> None:
+    """Only a storage client's error is reworded; an embedding API's 403 inside a task passes through as it is."""
+    assert object_storage.describe(error, "s3://bucket/work", "aws_default") is None
+    with pytest.raises(type(error)) as raised:
+        with object_storage.storage_errors("s3://bucket/work", "aws_default"):
+            raise error
+    assert raised.value is error
+
+
 def test_one_task_writes_the_store() -> None:
     """Concurrency by design: the only store writer, upsert_vectors, is not mapped and one DAG run is active at once."""
     from pipeline.runner import load_dag
