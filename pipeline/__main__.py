@@ -173,11 +173,13 @@ def command_run(args: argparse.Namespace) -> int:
 
 def check_object_storage(settings: Settings) -> None:
     """Object storage locations must be writable through their connection before any task runs."""
+    from pipeline.compat import connections_from_metadata_db
     from pipeline.object_storage import check_location, is_url
 
-    for uri in dict.fromkeys((settings.work_dir, settings.store_uri)):
-        if is_url(uri):
-            check_location(uri, settings.object_storage_conn_id)
+    with connections_from_metadata_db():
+        for uri in dict.fromkeys((settings.work_dir, settings.store_uri)):
+            if is_url(uri):
+                check_location(uri, settings.object_storage_conn_id)
 
 
 def render_summary(report: dict[str, Any], seconds: float) -> str:

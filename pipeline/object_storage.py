@@ -21,6 +21,7 @@ from pipeline import OBJECT_STORAGE_CONN_ID as DEFAULT_CONN_ID
 # How s3fs/botocore and LanceDB (Rust object_store) word the three failures a user can fix.
 NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist|[Bb]ucket not found")
 DENIED = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\b403\b")
+NO_CREDENTIALS = re.compile(r"NoCredentialsError|Unable to locate credentials")
 OBJECT_STORE = re.compile(r'store: "|object_store|ObjectStore|object store')
 UNREACHABLE = re.compile(
     r"EndpointConnectionError|Connect(ion|or)?Error|[Cc]onnection refused|dns error|ConnectTimeout"
@@ -91,9 +92,15 @@ def describe(exc: BaseException, uri: str, conn_id: str) -> ObjectStorageError |
     text = " ".join(f"{type(e).__name__} {e}" for e in chain)
     if not any(_from_storage(e) for e in chain):  # e.g. an embedding API's 403 is not the bucket's
         return None
+    if not is_url(uri):  # a local folder: no connection involved
+        if not isinstance(exc, OSError) or not str(exc.filename or "").startswith(
+            uri.removeprefix("file://")
+        ):
+            return None  # not this location's failure (e.g. a corpus file)
+        return ObjectStorageError(f"{uri}: not writable ({exc.strerror or exc}); fix the path or its rights")
     where = f"{uri} (connection {conn_id!r})"
     bucket = uri.split("://", 1)[-1].split("/", 1)[0]
-    if NO_BUCKET.search(text) or (isinstance(exc, FileNotFoundError) and is_url(uri)):
+    if NO_BUCKET.search(text):
         return ObjectStorageError(f"{where}: bucket {bucket!r} does not exist; create it or fix the URI")
     if DENIED.search(text) or isinstance(exc, PermissionError):
         return ObjectStorageError(
@@ -101,16 +108,19 @@ def describe(exc: BaseException, uri: str, conn_id: str) -> ObjectStorageError |
             "and its rights on the bucket"
         )
     if UNREACHABLE.search(text):
-        endpoint = endpoint_of(conn_id) or "the AWS default"
+        endpoint = endpoint_of(conn_id) or "(AWS default)"
         return ObjectStorageError(
             f"{where}: endpoint {endpoint} unreachable; start it or fix extra.endpoint_url of connection "
             f"{conn_id!r}",
             permanent=False,
         )
-    root = uri.removeprefix("file://")
-    if isinstance(exc, OSError) and not is_url(uri) and str(exc.filename or "").startswith(root):
-        return ObjectStorageError(f"{uri}: not writable ({exc.strerror or exc}); fix the path or its rights")
-    return None
+    if NO_CREDENTIALS.search(text):
+        return ObjectStorageError(
+            f"{where}: no credentials; create the connection (airflow connections add {conn_id} --conn-type aws "
+            "--conn-login KEY_ID --conn-password SECRET) or set AWS credentials in the environment"
+        )
+    first = (str(exc).strip().splitlines() or [""])[0][:200]  # still one line, whatever the client said
+    return ObjectStorageError(f"{where}: {type(exc).__name__}: {first}", permanent=False)
 
 
 def _from_storage(exc: BaseException) -> bool:

@@ -6,6 +6,7 @@ exactly what a user sets. DAG-level runs are tiny (a handful of chunks).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -286,7 +287,18 @@ def test_the_cli_refuses_an_unusable_location_in_one_line(case, s3, cli_env, tmp
     uri = uri.format(bucket=s3.bucket)
     if broken.get("endpoint"):
         broken = {"endpoint": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
-    env["AIRFLOW_CONN_S3_RUNS"] = s3.connection(**broken)
+    if case == "bad credentials":  # the README's path: the connection lives in the metadata DB
+        conn = json.loads(s3.connection(**broken))
+        add = ["connections", "add", "s3_runs", "--conn-type", "aws", "--conn-login", conn["login"]]
+        add += ["--conn-password", conn["password"], "--conn-extra", json.dumps(conn["extra"])]
+        added = subprocess.run(
+            [sys.executable, "-m", "airflow", *add],
+            env=env | {"AIRFLOW_HOME": str(home)},
+            capture_output=True,
+        )
+        assert added.returncode == 0, added.stderr[-2000:]
+    else:
+        env["AIRFLOW_CONN_S3_RUNS"] = s3.connection(**broken)
     done = cli(tmp_path, home, "--work-dir", uri, "--object-storage-conn-id", "s3_runs", env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
