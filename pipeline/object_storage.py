@@ -98,6 +98,8 @@ def describe(exc: BaseException, uri: str, conn_id: str) -> ObjectStorageError |
         ):
             return None  # not this location's failure (e.g. a corpus file)
         return ObjectStorageError(f"{uri}: not writable ({exc.strerror or exc}); fix the path or its rights")
+    if isinstance(exc, OSError) and str(exc.filename or "").startswith("/"):
+        return None  # a local file's failure (say, a corpus document), not the object store's
     where = f"{uri} (connection {conn_id!r})"
     bucket = uri.split("://", 1)[-1].split("/", 1)[0]
     if NO_BUCKET.search(text):

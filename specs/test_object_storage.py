@@ -210,10 +210,11 @@ def test_check_location_refuses_a_local_path_that_cannot_be_a_folder(tmp_path) -
     [
         ValueError("HTTP 403 Forbidden from the embedding API"),
         RuntimeError("connection refused by the model"),
+        PermissionError(13, "Permission denied", "/data/corpus/a.txt"),
     ],
 )
 def test_errors_from_elsewhere_are_not_blamed_on_storage(error) -> None:
-    """Only a storage client's error is reworded; an embedding API's 403 inside a task passes through as it is."""
+    """Only the object store's errors are reworded; an embedding API's 403 or a local file's error pass through."""
     assert object_storage.describe(error, "s3://bucket/work", "aws_default") is None
     with pytest.raises(type(error)) as raised:
         with object_storage.storage_errors("s3://bucket/work", "aws_default"):
