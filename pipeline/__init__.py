@@ -10,3 +10,5 @@ DAG_ID = "parallel_embeddings"
 # Airflow pool of the embed_batch task instances: its slots cap concurrent calls to the embedding API.
 EMBED_POOL = "embedding_api"
 EMBED_POOL_DEFAULT_SLOTS = 16
+# Airflow connection of object storage (s3://… work_dir / store_uri): Airflow's own default for AWS.
+OBJECT_STORAGE_CONN_ID = "aws_default"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.corpus import CorpusError
+from pipeline.object_storage import ObjectStorageError
 from pipeline.preflight import PreflightError
 from pipeline.settings import Settings, SettingsError
 
@@ -41,6 +42,7 @@ OPTIONS = {
     "store": "store_uri",
     "report": "report_path",
     "work_dir": "work_dir",
+    "object_storage_conn_id": "object_storage_conn_id",
 }
 
 
@@ -98,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--store", help="LanceDB URI (default: WORK_DIR/store)")
     run.add_argument("--report", help="report JSON path (default: WORK_DIR/reports/<run id>.json)")
-    run.add_argument("--work-dir", default="work", help="staging, reports, default store (default: ./work)")
+    run.add_argument(
+        "--work-dir",
+        default="work",
+        help="staging, reports, default store: a folder or s3://… (default: ./work)",
+    )
+    run.add_argument(
+        "--object-storage-conn-id",
+        help="Airflow connection of s3://… work dir and store: endpoint, region, keys (default: aws_default)",
+    )
     run.add_argument("--airflow-home", default=".airflow", help="embedded Airflow home (default: ./.airflow)")
     run.add_argument(
         "--verbose",
@@ -156,13 +166,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, option, None)
         if value is not None:
             params[name] = value
-    params["work_dir"] = os.path.abspath(params["work_dir"])
-    settings = Settings.from_params(params)
+    settings = Settings.from_params(params)  # makes local paths absolute, leaves s3://… as it is
     if not settings.report_path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        params["report_path"] = os.path.join(settings.work_dir, "reports", f"report-{stamp}.json")
-    else:
-        params["report_path"] = os.path.abspath(settings.report_path)
+        params["report_path"] = f"{settings.work_dir.rstrip('/')}/reports/report-{stamp}.json"
     return Settings.from_params(params)
 
 
@@ -197,9 +204,7 @@ def command_run(args: argparse.Namespace) -> int:
         preflight.check_connections_from_environment(settings.models)
         print(f"airflow home: {os.path.abspath(args.airflow_home)} (new: creating it)", file=sys.stderr)
     home = runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
-    for model in settings.models:  # connections live in Airflow (env, secrets backend or this home's DB)
-        if model.startswith(preflight.OPENAI_PREFIX):
-            preflight.check_connection(model)
+    check_connections(settings)
     log = home / "logs" / f"pipeline-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
     with runner.quiet_console(log, enabled=not args.verbose) as console:
         say = lambda line: print(line, file=console, flush=True)  # noqa: E731
@@ -221,6 +226,21 @@ def command_run(args: argparse.Namespace) -> int:
         )
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def check_connections(settings: Settings) -> None:
+    """The checks that need Airflow's connections: API models' and object storage's (before any task runs)."""
+    from pipeline import preflight
+    from pipeline.compat import connections_from_metadata_db
+    from pipeline.object_storage import check_location, is_url
+
+    with connections_from_metadata_db():  # connections added with `airflow connections add` live in the DB
+        for model in settings.models:
+            if model.startswith(preflight.OPENAI_PREFIX):
+                preflight.check_connection(model)
+        for uri in dict.fromkeys((settings.work_dir, settings.store_uri)):
+            if is_url(uri):
+                check_location(uri, settings.object_storage_conn_id)
 
 
 def render_summary(report: dict[str, Any], seconds: float) -> str:
@@ -278,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (Airflow processes stopped)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (SettingsError, CorpusError, PreflightError) as exc:
+    except (SettingsError, CorpusError, PreflightError, ObjectStorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback

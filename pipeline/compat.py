@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from airflow import __version__ as AIRFLOW_VERSION
@@ -27,6 +30,7 @@ __all__ = [
     "AIRFLOW_VERSION",
     "AirflowFailException",
     "AirflowSkipException",
+    "connections_from_metadata_db",
     "ObjectStoragePath",
     "Param",
     "dag",
@@ -60,6 +64,23 @@ def get_connection(conn_id: str) -> Any:
     except ImportError:  # 2.x and 3.0
         from airflow.hooks.base import BaseHook
     return BaseHook.get_connection(conn_id)
+
+
+@contextlib.contextmanager
+def connections_from_metadata_db() -> Iterator[None]:
+    """Let hooks outside a task find connections stored in the metadata DB (``airflow connections add``).
+
+    Airflow 3's task SDK looks connections up in the metadata DB only in a "server" process; a plain process
+    gets env vars and external backends only. The CLI owns its embedded DB, so it may say it is one.
+    """
+    if not AIRFLOW_3 or os.environ.get("_AIRFLOW_PROCESS_CONTEXT"):
+        yield
+        return
+    os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
+    try:
+        yield
+    finally:
+        del os.environ["_AIRFLOW_PROCESS_CONTEXT"]
 
 
 # Airflow 3.0 passes no "exception" to task failure callbacks (2.x and 3.1+ do), so the errors this project

@@ -45,9 +45,12 @@ def check(settings: Settings, *, connections: bool = True) -> None:
         raise PreflightError(f"corpus_dir: {exc}") from None
     for model in settings.models:
         check_model(model, connections=connections)
-    check_writable("work_dir", settings.work_dir)
-    check_writable("store_uri", settings.store_uri)
-    if settings.report_path:
+    for setting, location in (("work_dir", settings.work_dir), ("store_uri", settings.store_uri)):
+        if "://" not in location:
+            check_writable(setting, location)
+        elif connections:  # object storage is reached through an Airflow connection
+            check_object_storage(setting, location, settings.object_storage_conn_id)
+    if settings.report_path and "://" not in settings.report_path:
         check_writable("report_path", os.path.dirname(settings.report_path))
 
 
@@ -118,9 +121,7 @@ def check_connections_from_environment(models: Iterable[str]) -> None:
 
 
 def check_writable(setting: str, location: str) -> None:
-    """``location`` (a folder) can be created and a file written in it; leaves nothing behind."""
-    if "://" in location:
-        return check_object_storage(setting, location)
+    """``location`` (a local folder) can be created and a file written in it; leaves nothing behind."""
     path = Path(location)
     created = [p for p in (path, *path.parents) if not p.exists()]
     probe = path / f".preflight-{uuid.uuid4().hex}"
@@ -135,18 +136,15 @@ def check_writable(setting: str, location: str) -> None:
         ) from None
     finally:
         _remove_empty(created)
-    return None
 
 
-def check_object_storage(setting: str, uri: str) -> None:
-    """Object storage locations are probed by :mod:`pipeline.object_storage` when it is installed."""
+def check_object_storage(setting: str, uri: str, conn_id: str) -> None:
+    """An ``s3://…`` location can be written through the Airflow connection ``conn_id`` (probe, then delete)."""
+    from pipeline.object_storage import ObjectStorageError, check_location
+
     try:
-        from pipeline import object_storage  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        object_storage.check_location(uri)
-    except ValueError as exc:
+        check_location(uri, conn_id)
+    except ObjectStorageError as exc:
         raise PreflightError(f"{setting}: {exc}") from None
 
 

@@ -170,19 +170,21 @@ def finalize_report(
     conf: dict[str, Any], run_id: str, state: str, wall: float, **extra: Any
 ) -> dict[str, Any]:
     """Complete the report the DAG wrote with facts from the metadata DB (shared by every executor)."""
+    from pipeline import staging
     from pipeline.compat import AIRFLOW_VERSION
 
     tis = task_instances(run_id)
     failed = [t for t in tis if t["state"] in ("failed", "upstream_failed") and t["task_id"] != EMBED_TASK]
-    report_path = Path(conf["report_path"])
-    if state != "success" or not report_path.exists():
+    report_path, conn_id = conf["report_path"], conf.get("object_storage_conn_id")  # local, or s3://…
+    written = staging.read_text(report_path, conn_id)
+    if state != "success" or written is None:
         reasons = ", ".join(f"{t['task_id']} {t['state']}" for t in failed) or "no report written"
-        why = Path(f"{report_path}.failed.json")
-        if why.exists():
-            failure = json.loads(why.read_text())
+        why = staging.read_text(f"{report_path}.failed.json", conn_id)
+        if why is not None:
+            failure = json.loads(why)
             reasons = f"{failure['task_id']}: {failure['error']}"
         raise RunError(f"DAG run {run_id} ended {state}: {reasons}")
-    report = json.loads(report_path.read_text())
+    report = json.loads(written)
     mapped = [t for t in tis if t["task_id"] == EMBED_TASK and t["map_index"] >= 0]
     report["dag_run"] = {"run_id": run_id, "state": state, "airflow_version": AIRFLOW_VERSION}
     report["mapped_task_instances"] = len(mapped)
@@ -196,7 +198,7 @@ def finalize_report(
         "embed_bytes_per_pair": round(embed / pairs, 1),
     }
     report.update(extra)
-    report_path.write_text(json.dumps(report, indent=2, default=str))
+    staging.write_text(report_path, json.dumps(report, indent=2, default=str), conn_id)
     return report
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
+from pipeline import OBJECT_STORAGE_CONN_ID
 from pipeline.corpus import DEFAULT_EXTENSIONS, DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, validate_models
 from pipeline.faults import FaultPlan
@@ -43,6 +44,7 @@ class Settings:
     work_dir: str = field(default_factory=lambda: os.path.abspath("work"))
     store_uri: str = ""  # default: <work_dir>/store
     report_path: str = ""  # default: <work_dir>/reports/<run id>.json
+    object_storage_conn_id: str = OBJECT_STORAGE_CONN_ID  # connection of s3://… paths (its id, never keys)
     compare_max_chunks: int = 2000
     # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
     max_failed_share: float = 0.5
@@ -69,6 +71,7 @@ class Settings:
         need(self.backoff_seconds >= 0, "backoff_seconds", "must be >= 0")
         need(self.compare_max_chunks >= 2, "compare_max_chunks", "must be >= 2")
         need(0 <= self.max_failed_share <= 1, "max_failed_share", "must be between 0 and 1")
+        need(bool(self.object_storage_conn_id), "object_storage_conn_id", "name an Airflow connection")
         need(bool(self.extensions), "extensions", "list at least one file extension, e.g. .txt")
         try:
             object.__setattr__(self, "models", tuple(validate_models(list(self.models))))

@@ -53,7 +53,7 @@ def chunk_documents(settings: Settings, documents: Mapping[str, Any], directory:
             embedded += 1
             yield from chunk_text(rel, text, max_tokens=settings.chunk_tokens, overlap=settings.chunk_overlap)
 
-    chunk_set = staging.write_chunk_set(f"{directory}/chunks", chunks())
+    chunk_set = staging.write_chunk_set(f"{directory}/chunks", chunks(), settings.object_storage_conn_id)
     log.info("%d chunks (%d tokens) from %d documents", chunk_set["count"], chunk_set["tokens"], embedded)
     return chunk_set | {"documents_embedded": embedded, "rejected": rejected}
 
@@ -153,7 +153,7 @@ def embed_batch(
     staged = None  # relative to the run directory: XCom stays small (goal: <= 512 B per chunk x model pair)
     if outcome.ids:
         staged = f"vectors/{store.table_name(model)}/{batch['index']:06d}.npz"
-        staging.write_vectors(f"{directory}/{staged}", outcome.ids, vectors)
+        staging.write_vectors(f"{directory}/{staged}", outcome.ids, vectors, settings.object_storage_conn_id)
     log.info(
         "batch %d (%d chunks, %d requests) x %s: %d ok, %d failed, %d calls",
         batch["index"], len(chunks), len(requests.requests), model, len(outcome.ids), len(failures), outcome.calls,
@@ -195,14 +195,16 @@ def aggregate_results(
     return summary
 
 
-def _staged_vectors(directory: str, summary: Mapping[str, Any], model: str) -> tuple[list[str], Any]:
+def _staged_vectors(
+    directory: str, summary: Mapping[str, Any], model: str, conn_id: str | None = None
+) -> tuple[list[str], Any]:
     import numpy as np
 
     ids: list[str] = []
     blocks = []
     for entry in summary["vectors"]:
         if entry["model"] == model:
-            batch_ids, vectors = staging.read_vectors(f"{directory}/{entry['path']}")
+            batch_ids, vectors = staging.read_vectors(f"{directory}/{entry['path']}", conn_id)
             ids += batch_ids
             blocks.append(vectors)
     dim = summary["per_model"][model]["dim"] or 0
@@ -215,15 +217,22 @@ def upsert_vectors(
     summary: Mapping[str, Any],
     models: Sequence[str],
     directory: str,
+    storage_options: store.Options = None,
 ) -> dict[str, Any]:
+    """Merge the staged vectors into the store, one table per model (this task is each table's only writer).
+
+    ``storage_options`` (object storage endpoint and keys) are passed in at run time, never returned.
+    """
     by_id = {c.id: c for c in staging.read_chunks(chunk_set)}
     inserted = updated = 0
     for model in models:
-        ids, vectors = _staged_vectors(directory, summary, model)
-        result = store.upsert(settings.store_uri, model, [by_id[i] for i in ids], vectors)
+        ids, vectors = _staged_vectors(directory, summary, model, settings.object_storage_conn_id)
+        result = store.upsert(
+            settings.store_uri, model, [by_id[i] for i in ids], vectors, storage_options=storage_options
+        )
         inserted += result.inserted
         updated += result.updated
-    per_model = store.count_vectors(settings.store_uri, models)
+    per_model = store.count_vectors(settings.store_uri, models, storage_options)
     return {
         "uri": settings.store_uri,
         "upserted": inserted + updated,
@@ -237,7 +246,7 @@ def upsert_vectors(
 def compare_models(
     settings: Settings, summary: Mapping[str, Any], models: Sequence[str], directory: str
 ) -> list[dict[str, Any]]:
-    loaded = {m: _staged_vectors(directory, summary, m) for m in models}
+    loaded = {m: _staged_vectors(directory, summary, m, settings.object_storage_conn_id) for m in models}
     return [
         {"models": [a, b]} | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
         for a, b in itertools.combinations(models, 2)
@@ -251,11 +260,10 @@ def report_path(path: str, work_dir: str, run_id: str) -> str:
 def record_failure(params: Mapping[str, Any], run_id: str, task_id: str, error: BaseException | None) -> str:
     """Write why a task failed for good next to the report (``<report>.failed.json``), so a CLI can say why."""
     path = report_path(str(params.get("report_path") or ""), str(params.get("work_dir") or "work"), run_id)
-    path = os.path.abspath(path) + ".failed.json"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        why = "no exception reached the failure callback; see the task log" if error is None else str(error)
-        json.dump({"run_id": run_id, "task_id": task_id, "error": why or repr(error)}, f)
+    path = (path if "://" in path else os.path.abspath(path)) + ".failed.json"
+    why = "no exception reached the failure callback; see the task log" if error is None else str(error)
+    failure = {"run_id": run_id, "task_id": task_id, "error": why or repr(error)}
+    staging.write_text(path, json.dumps(failure), params.get("object_storage_conn_id"))
     return path
 
 
@@ -294,7 +302,5 @@ def write_report(
     }
     path = report_path(settings.report_path, settings.work_dir, run["run_id"])
     report["report_path"] = path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, default=str)
+    staging.write_text(path, json.dumps(report, indent=2, default=str), settings.object_storage_conn_id)
     return report

@@ -2,7 +2,11 @@
 
 Upserts are ``merge_insert`` on the stable chunk id, so re-running the same corpus adds no rows. The URI may
 be a local directory or object storage (``s3://bucket/path``, ``gs://…``) or LanceDB Cloud (``db://…``)
-without code changes. ``lancedb`` is imported inside the functions: DAG parsing must stay cheap.
+without code changes; ``storage_options`` (endpoint, region, keys: see ``object_storage``) configure object
+storage. ``lancedb`` is imported inside the functions: DAG parsing must stay cheap.
+
+One task writes each table (``upsert_vectors``, not mapped; one active DAG run): LanceDB commits on S3 through
+conditional puts, but concurrent merges into one table may conflict, so the design never has two writers.
 """
 
 from __future__ import annotations
@@ -33,14 +37,23 @@ def table_name(model: str) -> str:
     return "emb_" + safe
 
 
-def connect(uri: str) -> Any:
+Options = dict[str, str] | None
+
+
+def connect(uri: str, storage_options: Options = None) -> Any:
     import lancedb
 
-    return lancedb.connect(uri)
+    return lancedb.connect(uri, storage_options=storage_options or None)
 
 
 def upsert(
-    uri: str, model: str, chunks: Sequence[Chunk], vectors: np.ndarray, *, compact: bool = True
+    uri: str,
+    model: str,
+    chunks: Sequence[Chunk],
+    vectors: np.ndarray,
+    *,
+    compact: bool = True,
+    storage_options: Options = None,
 ) -> UpsertResult:
     """Insert or update the vectors of ``chunks`` for ``model``; identical re-upserts leave the count unchanged."""
     import pyarrow as pa
@@ -71,7 +84,7 @@ def upsert(
         },
         schema=schema,
     )
-    table = connect(uri).create_table(table_name(model), schema=schema, exist_ok=True)
+    table = connect(uri, storage_options).create_table(table_name(model), schema=schema, exist_ok=True)
     before = table.count_rows()
     result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
     inserted = table.count_rows() - before
@@ -81,17 +94,17 @@ def upsert(
     return UpsertResult(inserted, int(updated))
 
 
-def count_vectors(uri: str, models: Sequence[str]) -> dict[str, int]:
+def count_vectors(uri: str, models: Sequence[str], storage_options: Options = None) -> dict[str, int]:
     """Vectors present per model (0 for a model that has no table yet)."""
-    db = connect(uri)
+    db = connect(uri, storage_options)
     existing = set(_list_tables(db))
     return {
         m: (db.open_table(table_name(m)).count_rows() if table_name(m) in existing else 0) for m in models
     }
 
 
-def read_ids(uri: str, model: str) -> list[str]:
-    db = connect(uri)
+def read_ids(uri: str, model: str, storage_options: Options = None) -> list[str]:
+    db = connect(uri, storage_options)
     if table_name(model) not in set(_list_tables(db)):
         return []
     return db.open_table(table_name(model)).to_arrow().column("id").to_pylist()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from pipeline import EMBED_POOL
+from pipeline import EMBED_POOL, OBJECT_STORAGE_CONN_ID
 from pipeline.batching import map_batches
 from pipeline.compat import Param, dag, fail_task, failure_of, get_current_context, set_map_label, task
 from pipeline.corpus import DEFAULT_MAX_DOCUMENT_BYTES
@@ -52,6 +52,8 @@ PARAMS = {
     "work_dir": Param("work", type="string", description="Staging, reports and default store location"),
     "store_uri": Param("", type="string", description="LanceDB URI; empty: <work_dir>/store"),
     "report_path": Param("", type="string", description="Report JSON path; empty: <work_dir>/reports/<run>.json"),
+    "object_storage_conn_id": Param(OBJECT_STORAGE_CONN_ID, type="string", minLength=1,
+                                    description="Airflow connection of s3://… work_dir and store_uri"),
 }  # fmt: skip
 # Airflow checks every param's schema against its metaschema each time it resolves params (~117 times per
 # task instance in dag.test on 3.3). Draft 7's metaschema is ~3x cheaper to check than the default Draft
@@ -76,6 +78,13 @@ def _record_failure(context: dict) -> None:
 
     ti = context["ti"]
     record_failure(context["params"], context["run_id"], ti.task_id, failure_of(context))
+
+
+def _storage(uri: str, settings: Settings):
+    """Storage failures at ``uri`` fail the task with one line naming the connection (no retries if futile)."""
+    from pipeline.object_storage import task_storage_errors
+
+    return task_storage_errors(uri, settings.object_storage_conn_id)
 
 
 def _run_dir(settings: Settings) -> str:
@@ -126,7 +135,8 @@ def parallel_embeddings():
 
         s = _settings(settings)
         # The settings travel with the chunk set: each embed task instance pulls one XCom for both, not two.
-        return steps.chunk_documents(s, documents, _run_dir(s)) | {"settings": settings}
+        with _storage(s.work_dir, s):
+            return steps.chunk_documents(s, documents, _run_dir(s)) | {"settings": settings}
 
     @task(map_index_template="{{ map_label }}", pool=EMBED_POOL, multiple_outputs=False)
     def embed_batch(chunk_set: dict, batch: dict, model: str) -> dict:
@@ -135,7 +145,8 @@ def parallel_embeddings():
         set_map_label(f"batch {batch['index'] + 1}/{batch['of']} · {model}")
         s = _settings(chunk_set["settings"])
         try:
-            return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+            with _storage(s.work_dir, s):
+                return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
         except (
             steps.ConfigurationError
         ) as exc:  # missing extra, connection, credentials: retrying cannot help
@@ -166,16 +177,20 @@ def parallel_embeddings():
     @task(multiple_outputs=False)
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
         from pipeline import steps
+        from pipeline.object_storage import lancedb_storage_options
 
         s = _settings(settings)
-        return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s))
+        with _storage(s.store_uri, s):  # the options hold keys: made here, passed on, never returned
+            options = lancedb_storage_options(s.store_uri, s.object_storage_conn_id)
+            return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s), options)
 
     @task
     def compare_models(settings: dict, summary: dict, models: list) -> list:
         from pipeline import steps
 
         s = _settings(settings)
-        return steps.compare_models(s, summary, models, _run_dir(s))
+        with _storage(s.work_dir, s):
+            return steps.compare_models(s, summary, models, _run_dir(s))
 
     @task(multiple_outputs=False)
     def write_report(settings, documents, chunk_set, plan, summary, stored, comparison) -> dict:
@@ -187,9 +202,9 @@ def parallel_embeddings():
             "state": "running",
             "airflow_version": AIRFLOW_VERSION,
         }
-        report = steps.write_report(
-            _settings(settings), run, documents, chunk_set, plan or [], summary, stored, comparison
-        )
+        s = _settings(settings)
+        with _storage(s.report_path or s.work_dir, s):
+            report = steps.write_report(s, run, documents, chunk_set, plan or [], summary, stored, comparison)
         return {k: report[k] for k in ("report_path", "chunks", "embeddings")}
 
     settings = resolve_settings()

@@ -324,8 +324,10 @@ class OpenAIEmbeddingClient:
             limits = Limits.from_extra(extra)
         except (TypeError, ValueError) as exc:
             raise EmbeddingConfigError(f"connection '{conn_id}' extra: {exc}") from None
+        # the SQLite rate bucket needs a local disk: an s3:// work dir keeps it in the temp folder
+        local = work_dir if work_dir and "://" not in work_dir else None
         rate_dir = extra.get("rate_limit_dir") or os.path.join(
-            work_dir or os.path.join(tempfile.gettempdir(), "parallel-embeddings"), "ratelimit"
+            local or os.path.join(tempfile.gettempdir(), "parallel-embeddings"), "ratelimit"
         )
         return cls(
             base_url,
