@@ -29,7 +29,8 @@ from pipeline.embedders.openai_compat import (
     parse_duration,
 )
 from pipeline.emulator import Emulator, EmulatorConfig, vector
-from pipeline.resilience import Backoff, embed_resiliently
+from pipeline.resilience import embed_resiliently
+from specs.strategies import resilient_run as run
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -39,27 +40,6 @@ def slow(examples: int) -> settings:
 
 
 JITTER = 0.04  # seconds of client-to-server scheduling jitter tolerated when measuring a window at the server
-
-
-def run(client, texts, *, max_attempts=4, cap=30.0):
-    """embed_resiliently over the client, recording sleeps and transient errors instead of sleeping."""
-    embedder = client.embedder()
-    sleeps: list[float] = []
-    transient = 0
-
-    def call(ids, batch):
-        nonlocal transient
-        try:
-            return embedder.embed(batch)
-        except TransientEmbeddingError:
-            transient += 1
-            raise
-
-    ids = [f"c{i}" for i in range(len(texts))]
-    outcome = embed_resiliently(
-        ids, texts, call, backoff=Backoff(max_attempts=max_attempts, cap=cap), sleep=sleeps.append
-    )
-    return outcome, sleeps, transient
 
 
 # ------------------------------------------------------------------------------------------------ strategies

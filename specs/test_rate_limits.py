@@ -24,30 +24,22 @@ from pipeline.emulator import Emulator, EmulatorConfig
 
 KEY = "sk-rate-spec"
 ROOT = str(Path(__file__).resolve().parents[1])
-JITTER = 0.04  # seconds of client-to-server scheduling jitter tolerated when measuring a window at the server
+# Seconds between a client taking its permit and the provider seeing the request, tolerated when measuring a
+# window at the provider: process scheduling on a loaded 2-core machine (several test processes) reaches 0.1 s.
+JITTER = 0.15
 
 # One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome.
 CLIENT = """
-import json, sys
-from pipeline.embedders import TransientEmbeddingError
+import json, sys, time
 from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
-from pipeline.resilience import Backoff, embed_resiliently
+from specs.strategies import resilient_run
 base_url, rate_dir, redis_url, name, n, rpw, tpw, window = sys.argv[1:9]
 limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw) or None,
                 rate_window_seconds=float(window), max_inputs_per_request=3)
 client = OpenAIEmbeddingClient(base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir,
                                rate_limit_redis=redis_url or None)
 texts = [f"{name} text {i} " + " ".join(["w"] * (i % 4)) for i in range(int(n))]
-transient = 0
-def call(ids, batch):
-    global transient
-    try:
-        return client.encode(batch)
-    except TransientEmbeddingError:
-        transient += 1
-        raise
-out = embed_resiliently([f"{name}-{i}" for i in range(len(texts))], texts, call,
-                        backoff=Backoff(base=0.05, max_attempts=12))
+out, _, transient = resilient_run(client, texts, max_attempts=12, base=0.05, sleep=time.sleep)
 print(json.dumps({"ok": out.ids, "failed": [f.chunk_id for f in out.failures], "transient": transient,
                   "waited": client.pacer.waited}))
 client.close()
@@ -133,12 +125,13 @@ def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(ba
         outs = run_clients(emulator, dirs, redis, per_process, rpw, tpw, window)
     statuses = [r.status for r in emulator.records]
     assert sum(len(o["ok"]) for o in outs) == 2 * per_process and all(o["failed"] == [] for o in outs)
-    assert sorted(sum((o["ok"] for o in outs), [])) == sorted(
-        f"p{p}-{i}" for p in range(2) for i in range(per_process)
-    )
+    assert [sorted(o["ok"]) for o in outs] == [sorted(f"c{i}" for i in range(per_process))] * 2
     assert statuses.count(429) == sum(o["transient"] for o in outs)  # each 429 was seen and retried
-    assert emulator.peak(window - JITTER, status=200) <= rpw
-    assert emulator.peak(window - JITTER, "tokens", status=200) <= tpw
+    peaks = (emulator.peak(window - JITTER, status=200), emulator.peak(window - JITTER, "tokens", status=200))
+    assert peaks[0] <= rpw and peaks[1] <= tpw, (
+        peaks,
+        [(round(r.t, 3), r.status, r.tokens) for r in emulator.records],
+    )
     assert statuses.count(200) > 2 * rpw  # the limits bound: the run spanned several windows
 
 
