@@ -277,3 +277,24 @@ def test_registry_resolves_openai_models_from_the_airflow_connection(monkeypatch
         assert fixed.dim == 8 and len(server.records) == 3  # no probe: configured
         assert fixed.embed(["a"]).shape == (1, 8)
     assert KEY not in repr(probed) + repr(fixed)
+
+
+@slow(5)
+@given(schedule=st.lists(st.sampled_from([200, 503]), min_size=1, max_size=6))
+def test_a_retried_batch_resends_only_its_unanswered_requests_even_with_batches_in_flight_in_threads(
+    schedule,
+):
+    """After transient errors mid-batch, retries send only the requests not yet answered: with two batches in
+    flight in two threads, every request of either batch is answered 200 exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[f"{b}{i}" for i in range(6)] for b in "xy"]
+    with Emulator(EmulatorConfig(api_key=KEY, schedule=schedule, fault_headers={})) as server:
+        client = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=16,
+                                       limits=Limits(max_inputs_per_request=2))  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda texts: run(client, texts, max_attempts=8)[0], batches))
+        client.close()
+    assert all(len(o.ids) == 6 and o.failures == [] for o in outcomes)
+    answered = sorted(t for r in server.records if r.status == 200 for t in r.texts)
+    assert answered == sorted(batches[0] + batches[1])  # each text answered exactly once

@@ -114,8 +114,9 @@ class OpenAIEmbeddingClient:
         self.budget = RateBudget(limits, key, rate_limit_dir, rate_limit_redis)
         self.pacer = HeaderPacer()
         self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0, "counted_tokens": 0}
-        self._lock = threading.Lock()  # stats and carry: encode may run in several threads
-        self._carry: tuple[tuple[str, ...], dict[int, np.ndarray]] | None = None
+        self._lock = threading.Lock()  # stats and carry: encode may run in several threads at once
+        # Requests already answered of batches that met a transient error, by batch: the retry sends the rest.
+        self._carry: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
 
     def __repr__(self) -> str:
         return (f"OpenAIEmbeddingClient(base_url={_redact(self.base_url)!r}, model={self.model!r}, "
@@ -222,13 +223,15 @@ class OpenAIEmbeddingClient:
         plan = self.plan_requests(texts)
         key = tuple(texts)
         with self._lock:
-            done = self._carry[1] if self._carry and self._carry[0] == key else {}
-            self._carry = (key, done)
+            done = self._carry.pop(key, {})
+            while len(self._carry) >= 64:  # batches given up on: forget the oldest
+                self._carry.pop(next(iter(self._carry)))
+            self._carry[key] = done
         for n, (start, stop, tokens) in enumerate(plan):
             if n not in done:
                 done[n] = self._post(texts[start:stop], tokens)
         with self._lock:
-            self._carry = None
+            self._carry.pop(key, None)
         if not plan:
             return np.zeros((0, self.dim or 0), np.float32)
         return np.vstack([done[n] for n in range(len(plan))])
