@@ -151,6 +151,8 @@ def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str
     if accepted:  # the provider's view: first accepted arrival to last accepted answer
         span = max(r["t"] + r["latency"] for r in accepted) - min(r["t"] for r in accepted)
         row["provider_span_seconds"] = round(span, 2)
+        if scale:  # the same fraction without the task instances' start-up before the first request
+            row["provider_fraction_of_tpm_limit"] = round(tokens / span * 60 / scale.tpm, 3)
     return row
 
 
