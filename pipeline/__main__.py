@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
     bench.add_argument("--json", help="also write the figures as JSON here")
     bench.add_argument(
+        "--api", action="store_true", help="throughput against a rate-limited emulated provider, per executor"
+    )
+    bench.add_argument(
         "--model",
         action="append",
         help="embedder to measure, repeatable (default: hash-words-256; the full run adds minilm if installed)",
@@ -290,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}"
             )
             return EXIT_OK
+        if args.command == "bench" and args.api:
+            from pipeline.bench_api import main as bench_api_main
+
+            return bench_api_main(args)
         if args.command == "bench":
             from pipeline.bench import main as bench_main
 

@@ -356,3 +356,34 @@ def synthetic_runs(
 
 def ceil_log2(n: int) -> int:
     return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+# --------------------------------------------------------------------------------------------- real clients
+
+
+def resilient_run(client: Any, texts: Sequence[str], *, max_attempts: int = 4, cap: float = 30.0,
+                  base: float = 0.5, sleep: Any = None) -> tuple[Any, list[float], int]:  # fmt: skip
+    """embed_resiliently over a real client's embedder (ids ``c0``, ``c1``...): ``(outcome, sleeps, transient
+    errors)``. Sleeps are only recorded, unless ``sleep`` (e.g. ``time.sleep``) is given to really wait."""
+    from pipeline.resilience import Backoff, embed_resiliently
+
+    embedder = client.embedder()
+    sleeps: list[float] = []
+    transient = 0
+
+    def call(ids: Sequence[str], batch: Sequence[str]) -> np.ndarray:
+        nonlocal transient
+        try:
+            return embedder.embed(batch)
+        except TransientEmbeddingError:
+            transient += 1
+            raise
+
+    def pause(seconds: float) -> None:
+        sleeps.append(seconds)
+        if sleep is not None:
+            sleep(seconds)
+
+    ids = [f"c{i}" for i in range(len(texts))]
+    backoff = Backoff(base=base, max_attempts=max_attempts, cap=cap)
+    return embed_resiliently(ids, texts, call, backoff=backoff, sleep=pause), sleeps, transient

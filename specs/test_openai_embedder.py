@@ -1,4 +1,5 @@
-"""The real-provider client (pipeline.embedders.openai_compat) against a local OpenAI-compatible server on 127.0.0.1.
+"""The real-provider client (pipeline.embedders.openai_compat, on the openai SDK) against the emulated provider
+(pipeline.emulator) on 127.0.0.1.
 
 Every spec drives the real client over real HTTP (loopback only) through
 pipeline.resilience.embed_resiliently, the way embed_batch does. Example counts are modest: each example
@@ -10,18 +11,13 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import os
 import pickle
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from embedding_server import EmbeddingServer, ServerConfig, vector
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +28,9 @@ from pipeline.embedders.openai_compat import (
     OpenAIEmbeddingClient,
     parse_duration,
 )
-from pipeline.resilience import Backoff, embed_resiliently
+from pipeline.emulator import Emulator, EmulatorConfig, vector
+from pipeline.resilience import embed_resiliently
+from specs.strategies import resilient_run as run
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -42,27 +40,6 @@ def slow(examples: int) -> settings:
 
 
 JITTER = 0.04  # seconds of client-to-server scheduling jitter tolerated when measuring a window at the server
-
-
-def run(client, texts, *, max_attempts=4, cap=30.0):
-    """embed_resiliently over the client, recording sleeps and transient errors instead of sleeping."""
-    embedder = client.embedder()
-    sleeps: list[float] = []
-    transient = 0
-
-    def call(ids, batch):
-        nonlocal transient
-        try:
-            return embedder.embed(batch)
-        except TransientEmbeddingError:
-            transient += 1
-            raise
-
-    ids = [f"c{i}" for i in range(len(texts))]
-    outcome = embed_resiliently(
-        ids, texts, call, backoff=Backoff(max_attempts=max_attempts, cap=cap), sleep=sleeps.append
-    )
-    return outcome, sleeps, transient
 
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -99,7 +76,7 @@ def cases(draw):
 def test_every_input_ends_once_and_the_server_never_sees_an_over_limit_request(case):
     """Every input ends once (a vector, in input order, or a failure); no request sent exceeds the limits."""
     limits, texts, schedule = case
-    config = ServerConfig(
+    config = EmulatorConfig(
         api_key=KEY,
         max_inputs_per_request=limits.max_inputs_per_request,
         max_tokens_per_input=limits.max_tokens_per_input,
@@ -107,7 +84,7 @@ def test_every_input_ends_once_and_the_server_never_sees_an_over_limit_request(c
         schedule=[200, *schedule],  # the first request is the dimension probe
         fault_headers={"Retry-After": "0.01"},
     )
-    with EmbeddingServer(config) as server:
+    with Emulator(config) as server:
         client = OpenAIEmbeddingClient(server.base_url, KEY, "m", limits=limits)
         outcome, sleeps, transient = run(client, texts, max_attempts=len(schedule) + 1)
         client.close()
@@ -150,7 +127,7 @@ def test_request_and_token_rates_never_exceed_the_configured_budget_at_the_serve
     window = 1.0
     limits = Limits(max_inputs_per_request=2, max_tokens_per_request=30, requests_per_minute=rpm,
                     tokens_per_minute=tpm, rate_window_seconds=window, token_safety_margin=0.0)  # fmt: skip
-    with EmbeddingServer(ServerConfig(api_key=KEY)) as server, tempfile.TemporaryDirectory() as rate_dir:
+    with Emulator(EmulatorConfig(api_key=KEY)) as server, tempfile.TemporaryDirectory() as rate_dir:
         client = OpenAIEmbeddingClient(
             server.base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir
         )
@@ -161,28 +138,6 @@ def test_request_and_token_rates_never_exceed_the_configured_budget_at_the_serve
     assert server.peak(window - JITTER) <= rpm
     assert server.peak(window - JITTER, "tokens") <= tpm
     assert len(server.records) >= rpm  # the budget was actually exercised
-
-
-def test_processes_on_one_machine_share_one_rate_budget(tmp_path):
-    """Two processes sharing a rate-limit directory together stay within one requests-per-window budget."""
-    rpm, window, per_process = 4, 1.0, 6
-    code = f"""
-import sys
-from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
-c = OpenAIEmbeddingClient(sys.argv[1], {KEY!r}, "m", dimensions=16, rate_limit_dir=sys.argv[2],
-    limits=Limits(requests_per_minute={rpm}, rate_window_seconds={window}))
-for i in range({per_process}):
-    c.encode([f"{{sys.argv[3]}} text {{i}}"])
-c.close()
-"""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    with EmbeddingServer(ServerConfig(api_key=KEY)) as server:
-        argv = [sys.executable, "-c", code, server.base_url, str(tmp_path)]
-        procs = [subprocess.Popen([*argv, f"p{p}"], env=env) for p in range(2)]
-        assert [p.wait(timeout=60) for p in procs] == [0, 0]
-    assert len(server.records) == 2 * per_process
-    assert server.peak(window - JITTER) <= rpm
 
 
 RETRY_HEADERS = [
@@ -213,7 +168,7 @@ def test_retry_after_is_honoured_in_seconds_http_dates_and_ratelimit_reset_durat
     if headers == "date":
         headers = {"Retry-After": email.utils.formatdate(time.time() + expected, usegmt=True)}
     cap = 30.0
-    with EmbeddingServer(ServerConfig(api_key=KEY, schedule=[status], fault_headers=headers)) as server:
+    with Emulator(EmulatorConfig(api_key=KEY, schedule=[status], fault_headers=headers)) as server:
         client = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=16)
         outcome, sleeps, transient = run(client, ["one", "two"], cap=cap)
         client.close()
@@ -232,7 +187,7 @@ def test_reset_durations_parse_like_openai_headers():
 @given(statuses=st.lists(st.sampled_from([429, 500, 502, 503, 504]), min_size=1, max_size=3))
 def test_429_and_5xx_are_retried_until_the_batch_succeeds(statuses):
     """A run of 429/5xx answers is retried (one sleep each) and the whole batch then succeeds."""
-    with EmbeddingServer(ServerConfig(api_key=KEY, schedule=statuses, fault_headers={})) as server:
+    with Emulator(EmulatorConfig(api_key=KEY, schedule=statuses, fault_headers={})) as server:
         client = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=16)
         outcome, sleeps, transient = run(client, ["a", "b", "c"], max_attempts=len(statuses) + 1)
         client.close()
@@ -250,7 +205,7 @@ def test_network_errors_and_timeouts_are_transient():
     client = OpenAIEmbeddingClient(f"http://127.0.0.1:{closed_port}/v1", KEY, "m", dimensions=16)
     with pytest.raises(TransientEmbeddingError, match="ConnectError"):
         client.encode(["x"])
-    with EmbeddingServer(ServerConfig(api_key=KEY, delay_seconds=0.5)) as server:
+    with Emulator(EmulatorConfig(api_key=KEY, delay_seconds=0.5)) as server:
         slow = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=16, limits=Limits(timeout=0.1))
         with pytest.raises(TransientEmbeddingError, match="Timeout"):
             slow.encode(["x"])
@@ -259,7 +214,7 @@ def test_network_errors_and_timeouts_are_transient():
 
 def test_401_fails_clearly_without_retries():
     """A rejected API key raises EmbeddingConfigError naming the connection after one request, no retry."""
-    with EmbeddingServer(ServerConfig(api_key=KEY)) as server:
+    with Emulator(EmulatorConfig(api_key=KEY)) as server:
         client = OpenAIEmbeddingClient(
             server.base_url, "sk-wrong-key-987654", "m", dimensions=16, conn_id="embedding_api"
         )
@@ -283,7 +238,7 @@ def test_401_fails_clearly_without_retries():
 def test_the_api_key_never_appears_in_repr_str_or_exceptions(key):
     """repr/str of the client and embedder, every error raised, and pickling never reveal the API key."""
     seen: list[str] = []
-    with EmbeddingServer(ServerConfig(api_key=key, schedule=[200, 429, 503])) as server:
+    with Emulator(EmulatorConfig(api_key=key, schedule=[200, 429, 503])) as server:
         client = OpenAIEmbeddingClient(server.base_url, key, "m")
         embedder = client.embedder()
         seen += [repr(client), str(client), repr(embedder), str(embedder)]
@@ -309,7 +264,7 @@ def test_registry_resolves_openai_models_from_the_airflow_connection(monkeypatch
     for bad in ("openai:", "openai:@conn", "gpt-4"):
         with pytest.raises(UnknownModelError):
             validate_models([bad])
-    with EmbeddingServer(ServerConfig(api_key=KEY, dim=12)) as server:
+    with Emulator(EmulatorConfig(api_key=KEY, dim=12)) as server:
         conn = {"conn_type": "http", "host": server.base_url, "password": KEY}
         monkeypatch.setenv(
             "AIRFLOW_CONN_EMB_PROBE", json.dumps(conn | {"extra": {"max_inputs_per_request": 2}})
@@ -322,3 +277,24 @@ def test_registry_resolves_openai_models_from_the_airflow_connection(monkeypatch
         assert fixed.dim == 8 and len(server.records) == 3  # no probe: configured
         assert fixed.embed(["a"]).shape == (1, 8)
     assert KEY not in repr(probed) + repr(fixed)
+
+
+@slow(5)
+@given(schedule=st.lists(st.sampled_from([200, 503]), min_size=1, max_size=6))
+def test_a_retried_batch_resends_only_its_unanswered_requests_even_with_batches_in_flight_in_threads(
+    schedule,
+):
+    """After transient errors mid-batch, retries send only the requests not yet answered: with two batches in
+    flight in two threads, every request of either batch is answered 200 exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[f"{b}{i}" for i in range(6)] for b in "xy"]
+    with Emulator(EmulatorConfig(api_key=KEY, schedule=schedule, fault_headers={})) as server:
+        client = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=16,
+                                       limits=Limits(max_inputs_per_request=2))  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda texts: run(client, texts, max_attempts=8)[0], batches))
+        client.close()
+    assert all(len(o.ids) == 6 and o.failures == [] for o in outcomes)
+    answered = sorted(t for r in server.records if r.status == 200 for t in r.texts)
+    assert answered == sorted(batches[0] + batches[1])  # each text answered exactly once

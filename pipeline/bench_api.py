@@ -1,0 +1,292 @@
+"""Benchmark against a rate-limited provider: how close each execution mode comes to the provider's TPM.
+
+``python -m pipeline bench --api [--quick] [--json FILE]`` embeds a corpus through the real DAG with the model
+``openai:…`` against the emulated provider (:mod:`pipeline.emulator`, a separate process on 127.0.0.1, one per
+run so every run starts with full buckets), once per execution mode: ``dag.test`` and LocalExecutor with 4 and
+8 slots (Airflow 3). Per mode, from the metadata DB (the embed phase: first ``embed_batch`` start to last end)
+and the emulator's request log:
+
+* ``fraction_of_tpm_limit``: tokens the provider accepted per minute of embed phase, over its TPM limit;
+* ``rate_limited_share``: requests answered 429, over all requests; ``lost``: chunk × model pairs not embedded;
+* ``latency_bound_speedup``: embed phase of ``dag.test`` over the best parallel mode when latency dominates
+  (1 s per request, limits far away), i.e. what overlapping requests buys.
+
+The client's budget is the connection's ``requests_per_minute`` / ``tokens_per_minute`` over a short window
+(``window`` seconds: the burst a bucket allows is limit × window / 60, so a window short against the phase
+keeps the initial burst from inflating the figure by more than window / phase). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+API_KEY = "sk-bench-emulator"
+MODEL = "openai:text-embedding-3-small"
+
+
+@dataclass(frozen=True)
+class ApiScale:
+    documents: int
+    chunk_tokens: int
+    batch_size: int
+    rpm: int
+    tpm: int
+    window: float
+    latency_documents: int  # the latency-bound corpus
+    latency_batch: int
+
+
+QUICK = ApiScale(documents=120, chunk_tokens=100, batch_size=128, rpm=600, tpm=120_000, window=6.0,
+                 latency_documents=12, latency_batch=16)  # fmt: skip
+FULL = ApiScale(documents=300, chunk_tokens=40, batch_size=512, rpm=3000, tpm=1_000_000, window=3.0,
+                latency_documents=24, latency_batch=16)  # fmt: skip
+LATENCY = (0.2, 2e-5)  # emulator latency: base seconds + seconds per token (an assumption, see emulator)
+
+
+def launch(mode: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """Run the DAG once in ``mode`` and return its report: the one place that knows how modes are started."""
+    if mode == "dag.test":
+        from pipeline import steps
+        from pipeline.runner import run_dag
+
+        steps._embedder.cache_clear()  # dag.test runs tasks in this process: no client of an earlier emulator
+        return run_dag(conf)
+    from pipeline.scheduler import run_scheduled
+
+    return run_scheduled(conf, parallelism=int(mode.split("-")[1]), timeout=1800)
+
+
+def parallel_modes() -> list[str]:
+    """LocalExecutor modes this Airflow runs (Airflow 2's LocalExecutor refuses SQLite)."""
+    from pipeline.compat import AIRFLOW_VERSION
+
+    return ["local-4", "local-8"] if int(AIRFLOW_VERSION.split(".")[0]) >= 3 else []
+
+
+class EmulatorProcess:
+    """``python -m pipeline.emulator`` in a child process on a free loopback port; stopped by pid."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.emulator", "--api-key", API_KEY, "--dim", "256", *args],
+            stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        if not self.base_url.startswith("http://127.0.0.1:"):
+            self.stop()
+            raise RuntimeError(f"the emulator did not start: {self.base_url!r}")
+
+    def log(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base_url.replace("/v1", "/emulator/log"), timeout=30) as answer:
+            return json.load(answer)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def connection(base_url: str, scale: ApiScale | None, rate_dir: Path, **extra: Any) -> str:
+    """The Airflow connection (as AIRFLOW_CONN_EMBEDDING_API) for the emulator: the same limits per window."""
+    if scale is not None:
+        extra |= {"requests_per_minute": int(scale.rpm * scale.window / 60),
+                  "tokens_per_minute": int(scale.tpm * scale.window / 60), "rate_window_seconds": scale.window}  # fmt: skip
+    extra |= {"dimensions": 256, "rate_limit_dir": str(rate_dir)}
+    return json.dumps({"conn_type": "http", "host": base_url, "password": API_KEY, "extra": extra})
+
+
+def embed_phase(run_id: str) -> float:
+    """Seconds from the first embed_batch task instance's start to the last one's end (metadata DB)."""
+    from pipeline.runner import EMBED_TASK, task_instances
+
+    def moment(value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+    tis = [t for t in task_instances(run_id, EMBED_TASK) if t["start_date"] and t["end_date"]]
+    return (
+        max(moment(t["end_date"]) for t in tis) - min(moment(t["start_date"]) for t in tis)
+    ).total_seconds()
+
+
+def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str], scale: ApiScale | None,
+            **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """One run of ``mode`` against a fresh emulator: the figures of the issue, plus what explains them."""
+    emulator = EmulatorProcess(*emulator_args)
+    os.environ["AIRFLOW_CONN_EMBEDDING_API"] = connection(
+        emulator.base_url, scale, work / "ratelimit" / f"{mode}-{time.time_ns()}", **extra
+    )
+    try:
+        tag = f"{mode}-{time.time_ns()}"
+        report = launch(mode, conf | {"report_path": str(work / f"report-{tag}.json"),
+                                      "store_uri": str(work / f"store-{tag}")})  # fmt: skip
+        log = emulator.log()["records"]
+    finally:
+        emulator.stop()
+    seconds = embed_phase(report["dag_run"]["run_id"])
+    accepted = [r for r in log if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in accepted)
+    e = report["embeddings"]
+    row = {
+        "mode": mode,
+        "fraction_of_tpm_limit": round(tokens / seconds * 60 / scale.tpm, 3) if scale else None,
+        "rate_limited_share": round(sum(r["status"] == 429 for r in log) / max(1, len(log)), 4),
+        "lost": e["expected"] - e["succeeded"],
+        "embed_seconds": round(seconds, 2),
+        "wall_seconds": report["wall_seconds"],
+        "requests": len(log),
+        "accepted_tokens": tokens,
+        "task_instances": report["mapped_task_instances"],
+        "failed": e["failed"],
+    }
+    if accepted:  # the provider's view: first accepted arrival to last accepted answer
+        span = max(r["t"] + r["latency"] for r in accepted) - min(r["t"] for r in accepted)
+        row["provider_span_seconds"] = round(span, 2)
+        if scale:  # the same fraction without the task instances' start-up before the first request
+            row["provider_fraction_of_tpm_limit"] = round(tokens / span * 60 / scale.tpm, 3)
+    return row
+
+
+CLIENT = """
+import sys
+from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
+url, rate_dir, name, n, rpw, tpw, window = sys.argv[1:8]
+client = OpenAIEmbeddingClient(url, KEY, "m", dimensions=256, rate_limit_dir=rate_dir, limits=Limits(
+    requests_per_minute=int(rpw), tokens_per_minute=int(tpw), rate_window_seconds=float(window),
+    max_tokens_per_request=int(tpw) // 8))
+texts = [f"{name} {i} " + " ".join(["w"] * 98) for i in range(int(n))]
+for i in range(0, len(texts), 128):
+    client.encode(texts[i : i + 128])
+client.close()
+""".replace("KEY", repr(API_KEY))
+
+
+def client_alone(processes: int, scale: ApiScale, work: Path, tokens: int = 80_000) -> dict[str, Any]:
+    """The limit without Airflow: ``processes`` plain processes sharing one budget send ~``tokens`` tokens in
+    chunks of 100 (batches of 128) through the same client; fraction over the provider's span."""
+    burst = int(scale.tpm * scale.window / 60)
+    emulator = EmulatorProcess("--rpm", str(scale.rpm), "--tpm", str(scale.tpm), "--window", str(scale.window),
+                               "--latency", str(LATENCY[0]), "--latency-per-token", str(LATENCY[1]))  # fmt: skip
+    rate_dir = work / "ratelimit" / f"alone-{processes}-{time.time_ns()}"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    try:
+        per_process = [tokens // 100 // processes, int(scale.rpm * scale.window / 60), burst, scale.window]
+        procs = [subprocess.Popen([sys.executable, "-c", CLIENT, emulator.base_url, str(rate_dir), f"p{i}",
+                                   *map(str, per_process)], env=env) for i in range(processes)]  # fmt: skip
+        codes = [p.wait(timeout=1800) for p in procs]
+        log = emulator.log()["records"]
+    finally:
+        emulator.stop()
+    accepted = [r for r in log if r["status"] == 200]
+    span = max(r["t"] + r["latency"] for r in accepted) - min(r["t"] for r in accepted)
+    return {"processes": processes, "exit_codes": codes,
+            "fraction_of_tpm_limit": round(sum(r["tokens"] for r in accepted) / span * 60 / scale.tpm, 3),
+            "rate_limited_share": round(sum(r["status"] == 429 for r in log) / max(1, len(log)), 4),
+            "provider_span_seconds": round(span, 2)}  # fmt: skip
+
+
+def run_api_bench(*, quick: bool, work: Path, corpus_dir: str | None) -> dict[str, Any]:
+    from pipeline.bench import subset
+    from pipeline.compat import AIRFLOW_VERSION
+    from pipeline.sample_corpus import write_sample_corpus
+    from pipeline.settings import Settings
+
+    scale = QUICK if quick else FULL
+    if corpus_dir is None:
+        corpus_dir = str(work / "corpus")
+        write_sample_corpus(corpus_dir, limit=scale.documents)
+    main_dir = subset(corpus_dir, scale.documents, work / "corpus-main")
+    small_dir = subset(corpus_dir, scale.latency_documents, work / "corpus-latency")
+    base = Settings(corpus_dir=main_dir, models=(MODEL,), chunk_tokens=scale.chunk_tokens, chunk_overlap=0,
+                    batch_size=scale.batch_size, max_batch_tokens=300_000,
+                    work_dir=str(work / "runs")).as_dict()  # fmt: skip
+    limited = ["--rpm", str(scale.rpm), "--tpm", str(scale.tpm), "--window", str(scale.window),
+               "--latency", str(LATENCY[0]), "--latency-per-token", str(LATENCY[1])]  # fmt: skip
+    burst = int(scale.tpm * scale.window / 60)  # tokens a full bucket lets through at once
+    modes = []
+    for mode in ["dag.test", *parallel_modes()]:
+        print(
+            f"bench --api: {mode} against {scale.tpm:,} TPM / {scale.rpm:,} RPM ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Requests of at most 1/8 of a window's tokens: a sliding window packs big requests badly (two
+        # requests of 0.6 of the window never fit together), and real limits are many requests wide.
+        modes.append(measure(mode, base, work, limited, scale, max_tokens_per_request=burst // 8))
+        print(f"  {modes[-1]}", file=sys.stderr, flush=True)
+    best = max(modes, key=lambda m: m["fraction_of_tpm_limit"])
+    alone = [client_alone(p, scale, work) for p in (1, 4)]
+    # Latency-bound: 1 s per request, no limits; 2 inputs per request, so a task instance of 16 chunks waits
+    # 8 x 1 s on the provider: what overlapping task instances (or requests) can hide.
+    latency_conf = base | {"corpus_dir": small_dir, "batch_size": scale.latency_batch}
+    slow = ["--latency", "1.0", "--latency-per-token", "0"]
+    latency_modes = []
+    for mode in ["dag.test", *parallel_modes()[-1:]]:
+        print(f"bench --api: {mode}, latency-bound (1 s per request)...", file=sys.stderr, flush=True)
+        latency_modes.append(measure(mode, latency_conf, work, slow, None, max_inputs_per_request=2))
+        print(f"  {latency_modes[-1]}", file=sys.stderr, flush=True)
+    serial = latency_modes[0]["embed_seconds"]
+    speedup = (
+        round(serial / min(m["embed_seconds"] for m in latency_modes[1:]), 2) if latency_modes[1:] else None
+    )
+    return {
+        "airflow_version": AIRFLOW_VERSION,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
+        "quick": quick,
+        "api": {
+            "tpm_limit": scale.tpm,
+            "rpm_limit": scale.rpm,
+            "window_seconds": scale.window,
+            "burst_tokens": burst,  # a run may exceed the limit's rate by at most burst / tokens (the start)
+            "latency": {"base_seconds": LATENCY[0], "per_token_seconds": LATENCY[1]},
+            "settings": {"chunk_tokens": scale.chunk_tokens, "batch_size": scale.batch_size, "model": MODEL},
+            "modes": modes,
+            "best": {k: best[k] for k in ("mode", "fraction_of_tpm_limit", "rate_limited_share")},
+            "latency_bound_speedup": speedup,
+            "client_alone": alone,
+            "latency_bound_modes": latency_modes,
+        },
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    api = result["api"]
+    lines = [f"Airflow {result['airflow_version']}, provider {api['tpm_limit']:,} TPM / {api['rpm_limit']:,} RPM "
+             f"(window {api['window_seconds']:g} s), {result['machine']}, {result['date']}",
+             f"{'mode':<10} {'of TPM':>7} {'429 share':>9} {'lost':>5} {'embed s':>8} {'requests':>8} {'tokens':>8} {'TIs':>4}"]  # fmt: skip
+    for m in api["modes"]:
+        lines.append(f"{m['mode']:<10} {m['fraction_of_tpm_limit']:>7.3f} {m['rate_limited_share']:>9.4f} "
+                     f"{m['lost']:>5} {m['embed_seconds']:>8.1f} {m['requests']:>8} {m['accepted_tokens']:>8} "
+                     f"{m['task_instances']:>4}")  # fmt: skip
+    for m in api["latency_bound_modes"]:
+        lines.append(f"latency-bound (1 s/request) {m['mode']}: embed {m['embed_seconds']:.1f} s, "
+                     f"{m['requests']} requests, lost {m['lost']}")  # fmt: skip
+    lines.append(f"latency-bound speedup, parallel vs dag.test: {api['latency_bound_speedup']}")
+    for a in api.get("client_alone", []):
+        lines.append(f"client alone, {a['processes']} process(es), no Airflow: {a['fraction_of_tpm_limit']:.3f} of TPM "
+                     f"at the provider, 429 share {a['rate_limited_share']:.4f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:
+    from pipeline import runner
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-api-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
+    runner.use_airflow_home(args.airflow_home or work / "airflow")
+    result = run_api_bench(quick=args.quick, work=work, corpus_dir=args.corpus)
+    print(render(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

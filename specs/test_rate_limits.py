@@ -1,0 +1,187 @@
+"""Staying inside a provider's rate limits: clients in several processes share one budget (SQLite on one
+machine, Redis across machines), the provider's x-ratelimit-* headers slow a client down before a 429, and
+every 429 that still happens is retried with nothing lost. Measured at the emulated provider (pipeline.emulator),
+which counts what it accepted in every window."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.embedders.ratelimit import HeaderPacer, Limits
+from pipeline.emulator import Emulator, EmulatorConfig
+
+KEY = "sk-rate-spec"
+ROOT = str(Path(__file__).resolve().parents[1])
+# Seconds between a client taking its permit and the provider seeing the request, tolerated when measuring a
+# window at the provider: process scheduling on a loaded 2-core machine (several test processes) reaches 0.1 s.
+JITTER = 0.15
+
+# One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome.
+CLIENT = """
+import json, sys, time
+from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
+from specs.strategies import resilient_run
+base_url, rate_dir, redis_url, name, n, rpw, tpw, window = sys.argv[1:9]
+limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw) or None,
+                rate_window_seconds=float(window), max_inputs_per_request=3)
+client = OpenAIEmbeddingClient(base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir,
+                               rate_limit_redis=redis_url or None)
+texts = [f"{name} text {i} " + " ".join(["w"] * (i % 4)) for i in range(int(n))]
+out, _, transient = resilient_run(client, texts, max_attempts=12, base=0.05, sleep=time.sleep)
+print(json.dumps({"ok": out.ids, "failed": [f.chunk_id for f in out.failures], "transient": transient,
+                  "waited": client.pacer.waited}))
+client.close()
+""".replace("KEY", repr(KEY))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server on 127.0.0.1, a free port, a password; stopped by pid."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does)")
+    port, password = free_port(), "spec-pw"
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--requirepass", password, "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        from redis import Redis
+
+        client = Redis(host="127.0.0.1", port=port, password=password)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(Exception):
+                if client.ping():
+                    break
+            assert time.monotonic() < deadline, "redis-server did not answer in 20 s"
+            time.sleep(0.05)
+        client.close()
+        yield f"redis://:{password}@127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def run_clients(emulator: Emulator, dirs: list[Path], redis: str, per_process: int, rpw: int, tpw: int,
+                window: float) -> list[dict]:  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CLIENT,
+                emulator.base_url,
+                str(d),
+                redis,
+                f"p{i}",
+                str(per_process),
+                str(rpw),
+                str(tpw),
+                str(window),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i, d in enumerate(dirs)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(backend, tmp_path, request):
+    """Two processes sharing one budget (SQLite dir, or Redis with separate dirs) against one provider with the
+    same limits: in any window the provider accepted at most its RPM/TPM; every 429 was retried; nothing lost."""
+    redis = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    window, rpw, tpw, per_process = 1.0, 5, 40, 24
+    config = EmulatorConfig(api_key=KEY, rpm=int(rpw * 60 / window), tpm=int(tpw * 60 / window),
+                            window_seconds=window)  # fmt: skip
+    dirs = [tmp_path / "shared"] * 2 if backend == "sqlite" else [tmp_path / "a", tmp_path / "b"]
+    with Emulator(config) as emulator:
+        outs = run_clients(emulator, dirs, redis, per_process, rpw, tpw, window)
+    statuses = [r.status for r in emulator.records]
+    assert sum(len(o["ok"]) for o in outs) == 2 * per_process and all(o["failed"] == [] for o in outs)
+    assert [sorted(o["ok"]) for o in outs] == [sorted(f"c{i}" for i in range(per_process))] * 2
+    assert statuses.count(429) == sum(o["transient"] for o in outs)  # each 429 was seen and retried
+    peaks = (emulator.peak(window - JITTER, status=200), emulator.peak(window - JITTER, "tokens", status=200))
+    assert peaks[0] <= rpw and peaks[1] <= tpw, (
+        peaks,
+        [(round(r.t, 3), r.status, r.tokens) for r in emulator.records],
+    )
+    assert statuses.count(200) > 2 * rpw  # the limits bound: the run spanned several windows
+
+
+def test_the_providers_headers_alone_keep_a_client_out_of_429(tmp_path):
+    """A client with no configured budget, paced only by x-ratelimit-remaining/-reset, gets no 429 from a
+    provider whose limits it reaches (it waits instead), and embeds everything."""
+    window, rpw, tpw, n = 1.0, 4, 30, 16
+    config = EmulatorConfig(api_key=KEY, rpm=int(rpw * 60 / window), tpm=int(tpw * 60 / window),
+                            window_seconds=window)  # fmt: skip
+    with Emulator(config) as emulator:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", CLIENT, emulator.base_url, str(tmp_path), "", "solo", str(n),
+                               "0", "0", str(window)], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(out["ok"]) == n and out["failed"] == []
+    assert [r.status for r in emulator.records].count(429) == 0
+    assert out["waited"] > 0  # it did reach the limits and slowed down
+
+
+@given(
+    limit=st.integers(2, 1000),
+    used=st.floats(0.0, 1.0),
+    reset=st.floats(0.01, 60),
+    need=st.integers(1, 1000),
+    later=st.floats(0, 120),
+)
+def test_the_pacer_waits_exactly_until_the_reported_refill_covers_the_next_request(
+    limit, used, reset, need, later
+):
+    """After headers (limit L, remaining r, reset R: refill (L-r)/R per s), a request needing n waits
+    max(0, (n - r - refilled since) / rate), never for a request that can never fit (n > L)."""
+    remaining = int(limit * (1 - used))
+    clock = [0.0]
+    pacer = HeaderPacer(clock=lambda: clock[0], max_wait=1e9)
+    pacer.observe({"x-ratelimit-limit-tokens": str(limit), "x-ratelimit-remaining-tokens": str(remaining),
+                   "x-ratelimit-reset-tokens": f"{reset}s"})  # fmt: skip
+    clock[0] = later
+    wait = pacer.delay(need)
+    if remaining == limit or need > limit:
+        expected = 0.0  # nothing used (no refill rate to go by) or it can never fit: the provider decides
+    else:
+        rate = (limit - remaining) / reset
+        expected = max(0.0, (need - min(limit, remaining + later * rate)) / rate)
+    assert wait == pytest.approx(expected, abs=1e-6)
+
+
+def test_limits_of_the_connection_reject_nonsense():
+    """Zero or negative limits in the connection's extra are errors naming the field."""
+    with pytest.raises(ValueError, match="requests_per_minute"):
+        Limits.from_extra({"requests_per_minute": 0})
+    with pytest.raises(ValueError, match="rate_window_seconds"):
+        Limits.from_extra({"rate_window_seconds": -1})
