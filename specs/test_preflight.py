@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from embedding_server import EmbeddingServer, ServerConfig
 
+from pipeline.emulator import Emulator, EmulatorConfig
 from pipeline.preflight import PreflightError, check, check_writable, connection_id
 from pipeline.runner import EMBED_TASK, RunError
 from pipeline.settings import Settings
@@ -203,7 +203,7 @@ def test_a_refused_key_fails_each_instance_once_and_costs_only_its_model(run_dag
     fails once without retries and without another request, its pairs fail as 'config' by chunk id with the
     provider's reason, the other model's pairs all succeed, and at 50 % failed the run is within budget."""
     corpus = {f"d{i}.txt": f"Sentence {i} about things. " * 6 for i in range(4)}
-    with EmbeddingServer(ServerConfig(api_key="sk-right")) as server:
+    with Emulator(EmulatorConfig(api_key="sk-right")) as server:
         monkeypatch.setenv(
             "AIRFLOW_CONN_WRONG_KEY",
             json.dumps({"conn_type": "http", "host": server.base_url, "password": "sk-wrong",
