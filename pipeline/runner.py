@@ -164,12 +164,17 @@ def xcom_bytes(run_id: str, task_id: str | None = None) -> int:
     from airflow.utils.session import create_session
     from sqlalchemy import text
 
-    query = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+    from pipeline.compat import AIRFLOW_3
+
     args = {"dag": DAG_ID, "run": run_id}
-    if task_id:
-        query += " AND task_id = :task"
-        args["task"] = task_id
     with create_session() as session:
+        size = "LENGTH(value)"  # SQLite: bytes of the stored JSON
+        if session.get_bind().dialect.name == "postgresql":  # Airflow 3: jsonb (its text); Airflow 2: bytea
+            size = "OCTET_LENGTH(value::text)" if AIRFLOW_3 else "OCTET_LENGTH(value)"
+        query = f"SELECT COALESCE(SUM({size}), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+        if task_id:
+            query += " AND task_id = :task"
+            args["task"] = task_id
         return int(session.execute(text(query), args).scalar())
 
 
