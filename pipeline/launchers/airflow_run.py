@@ -76,8 +76,9 @@ def start_api_server(procs: Processes, env: dict[str, str], port: int, apps: str
 
 
 def wait_ready(
-    procs: Processes, api_port: int | None, since: datetime, deadline: float, extra: Callable[[], str] = str
-) -> None:
+    procs: Processes, api_port: int | None, since: datetime, deadline: float, limit: str,
+    extra: Callable[[], str] = str,
+) -> None:  # fmt: skip
     """Wait for the Execution API (if any), this run's parse of the DAG, and ``extra() == ""`` (what's missing)."""
     from airflow.models import DagModel
     from airflow.models.errors import ParseImportError
@@ -104,7 +105,7 @@ def wait_ready(
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise RunError(f"Airflow did not start in time: waiting for {' and '.join(missing)}")
+            raise RunError(f"Airflow did not start within {limit}: waiting for {' and '.join(missing)}")
         time.sleep(0.5)
 
 
@@ -248,7 +249,9 @@ def trigger_and_report(
     """
     from pipeline.runner import finalize_report
 
-    wait_ready(procs, api_port, since, min(deadline, time.monotonic() + STARTUP_TIMEOUT), ready)
+    startup = time.monotonic() + STARTUP_TIMEOUT
+    limit = f"--timeout {timeout:g} s" if deadline < startup else f"{STARTUP_TIMEOUT:.0f} s"
+    wait_ready(procs, api_port, since, min(deadline, startup), limit, ready)
     run_id = new_run_id()
     for stale in trigger(run_id, conf):
         say(f"marked unfinished earlier run {stale} failed (max_active_runs=1)")

@@ -12,6 +12,11 @@ Recovery settings (environment variables of the same name win):
   worker died stops heartbeating; after this long the scheduler fails it and, with retries left, queues a
   new try on a live worker. It must exceed the gap between heartbeats (``[workers] min_heartbeat_interval``,
   5 s) with room for a loaded machine.
+* ``[scheduler] task_queued_timeout`` = 120 s (default 600 s), checked every 10 s (default 120 s): a task
+  instance whose message a worker took but never started (it died first) stays ``queued`` with no heartbeat
+  to miss; after this long the scheduler queues it again. The scheduler queues no more task instances than
+  there are worker slots (``[core] parallelism`` = workers x concurrency), so a healthy instance waits
+  seconds, not minutes, in ``queued``.
 * ``[celery] task_acks_late`` = True (the default, kept explicit): a message is acknowledged when its task
   ends, so a worker that dies before running it does not lose it.
 * ``[celery_broker_transport_options] visibility_timeout`` = ``--timeout`` + 60 s: Redis redelivers an
@@ -43,6 +48,7 @@ from pipeline.runner import ensure_pool
 
 LOG_DIR = "celery-mode"
 HEARTBEAT_TIMEOUT = 60
+QUEUED_TIMEOUT = 120
 
 
 def recovery_settings(timeout: float) -> dict[str, str]:
@@ -54,6 +60,8 @@ def recovery_settings(timeout: float) -> dict[str, str]:
         heartbeat = {"AIRFLOW__SCHEDULER__SCHEDULER_ZOMBIE_TASK_THRESHOLD": str(HEARTBEAT_TIMEOUT),
                      "AIRFLOW__SCHEDULER__ZOMBIE_DETECTION_INTERVAL": "5"}  # fmt: skip
     wanted = heartbeat | {
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
         "AIRFLOW__CELERY__TASK_ACKS_LATE": "True",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(int(timeout) + 60),
     }
