@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import DAG_ID
 from pipeline.launchers.processes import Processes
-from pipeline.runner import EMBED_TASK, RunError, airflow_env, progress_line
+from pipeline.runner import EMBED_TASK, RunError, airflow_env, progress_line, task_span
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 STARTUP_TIMEOUT = 180.0  # api-server up + DAG parsed, on a loaded 2-core machine
@@ -245,7 +245,8 @@ def trigger_and_report(
     """Wait for the started processes, trigger one run, wait for it and return its report.
 
     The report is ``dag.test``'s plus ``concurrency`` (``max_overlapping_mapped_tis`` measured) and
-    ``topology`` (``workers``: embed tries per ``task_instance.hostname``).
+    ``topology`` (``workers``: embed tries per ``task_instance.hostname``; ``startup_seconds``: services and
+    Airflow processes up, before the trigger). ``wall_seconds`` counts from the trigger, as dag.test's does.
     """
     from pipeline.runner import finalize_report
 
@@ -253,11 +254,16 @@ def trigger_and_report(
     limit = f"--timeout {timeout:g} s" if deadline < startup else f"{STARTUP_TIMEOUT:.0f} s"
     wait_ready(procs, api_port, since, min(deadline, startup), limit, ready)
     run_id = new_run_id()
+    triggered = time.monotonic()
     for stale in trigger(run_id, conf):
         say(f"marked unfinished earlier run {stale} failed (max_active_runs=1)")
     say(f"triggered {run_id}")
     state = wait_run(procs, run_id, deadline, say, timeout)
-    wall = time.monotonic() - started
+    wall = time.monotonic() - triggered  # like dag.test's: the run itself; starting up is startup_seconds
     concurrency_info = concurrency_info | {"max_overlapping_mapped_tis": concurrency(run_id)}
-    topology = topology | {"workers": embed_tries_by_host(run_id)}
-    return finalize_report(conf, run_id, state, wall, concurrency=concurrency_info, topology=topology)
+    topology = topology | {
+        "workers": embed_tries_by_host(run_id),
+        "startup_seconds": round(triggered - started, 1),
+    }
+    return finalize_report(conf, run_id, state, wall, concurrency=concurrency_info, topology=topology,
+                           task_span_seconds=task_span(run_id))  # fmt: skip
