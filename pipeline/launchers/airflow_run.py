@@ -118,7 +118,6 @@ def trigger(run_id: str, conf: dict[str, Any]) -> list[str]:
     from airflow.models import DagModel, DagRun, TaskInstance
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState, State, TaskInstanceState
-    from airflow.utils.types import DagRunTriggeredByType
     from sqlalchemy import or_, select, update
 
     with create_session() as session:
@@ -148,7 +147,12 @@ def trigger(run_id: str, conf: dict[str, Any]) -> list[str]:
                 update(DagRun).where(DagRun.dag_id == DAG_ID, DagRun.run_id.in_(stale))
                 .values(state=DagRunState.FAILED), execution_options={"synchronize_session": False},
             )  # fmt: skip
-    trigger_dag(DAG_ID, triggered_by=DagRunTriggeredByType.CLI, run_id=run_id, conf=conf)
+    if airflow_major() >= 3:  # Airflow 3 requires triggered_by; Airflow 2's trigger_dag has no such argument
+        from airflow.utils.types import DagRunTriggeredByType
+
+        trigger_dag(DAG_ID, triggered_by=DagRunTriggeredByType.CLI, run_id=run_id, conf=conf)
+    else:
+        trigger_dag(DAG_ID, run_id=run_id, conf=conf)
     return list(stale)
 
 
