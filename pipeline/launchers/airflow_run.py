@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,32 @@ def airflow_argv(*args: str) -> list[str]:
 def start_api_server(procs: Processes, env: dict[str, str], port: int, apps: str = "execution") -> None:
     procs.start("api-server", airflow_argv("api-server", "--host", "127.0.0.1", "--port", str(port),
                                            "--apps", apps, "--workers", "1"), env=env)  # fmt: skip
+
+
+def start_core(procs: Processes, env: dict[str, str], api_port: int | None) -> str:
+    """Start api-server + dag-processor (Airflow 3) and the scheduler; return what was started, for the console.
+
+    Airflow 2's scheduler parses the DAGs itself and its task processes reach the DB directly.
+    """
+    if api_port is not None:
+        start_api_server(procs, env, api_port)
+        procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
+    procs.start("scheduler", airflow_argv("scheduler", "--skip-serve-logs"), env=env)
+    return (
+        f"api-server on 127.0.0.1:{api_port}, dag-processor, " if api_port is not None else ""
+    ) + "scheduler"
+
+
+@contextlib.contextmanager
+def supervised(procs: Processes, say: Callable[[str], None]) -> Iterator[Processes]:
+    """Stop every process of ``procs`` when the block ends; on an error, first show the tails of their logs."""
+    try:
+        yield procs
+    except BaseException:
+        say(procs.tails())
+        raise
+    finally:
+        procs.stop()
 
 
 def wait_ready(

@@ -38,7 +38,8 @@ from pipeline.launchers.airflow_run import (
     airflow_argv,
     airflow_major,
     process_env,
-    start_api_server,
+    start_core,
+    supervised,
     trigger_and_report,
 )
 from pipeline.launchers.processes import Processes, free_port
@@ -90,26 +91,20 @@ def run_celery(
     env = process_env(str(home), executor="CeleryExecutor", parallelism=parallelism, api_port=api_port)
     env |= recovery_settings(timeout) | {
         "AIRFLOW__CELERY__BROKER_URL": redis.url(),
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+"
-        + postgres.url(),  # psycopg2: SQLAlchemy 2.1 defaults to psycopg 3
+        # postgresql+psycopg2: SQLAlchemy 2.1's plain postgresql:// means psycopg 3, which is not installed
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + postgres.url(),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
     }
-    procs = Processes(home / LOG_DIR)
     names = [f"worker-{i}" for i in range(1, workers + 1)]
-    ok = False
-    try:
+    with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        if api_port is not None:
-            start_api_server(procs, env, api_port)
-            procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
-        procs.start("scheduler", airflow_argv("scheduler", "--skip-serve-logs"), env=env)
+        started_what = start_core(procs, env, api_port)
         for name in names:
             start_worker(procs, env, home / LOG_DIR / name, name, worker_concurrency)
         say(
-            f"airflow processes: {f'api-server on 127.0.0.1:{api_port}, dag-processor, ' if api_port else ''}"
-            f"scheduler, {workers} Celery workers x {worker_concurrency} slots (parallelism {parallelism}, "
-            f"pool {EMBED_POOL} {slots} slots); PostgreSQL on 127.0.0.1:{postgres.port}, Redis on "
-            f"127.0.0.1:{redis.port}; logs in {procs.log_dir}"
+            f"airflow processes: {started_what}, {workers} Celery workers x {worker_concurrency} slots "
+            f"(parallelism {parallelism}, pool {EMBED_POOL} {slots} slots); PostgreSQL on 127.0.0.1:"
+            f"{postgres.port}, Redis on 127.0.0.1:{redis.port}; logs in {procs.log_dir}"
         )
 
         def workers_ready() -> str:
@@ -126,12 +121,7 @@ def run_celery(
         )  # fmt: skip
         for name in names:  # workers that never ran an embed task instance are listed too
             report["topology"]["workers"].setdefault(name, 0)
-        ok = True
         return report
-    finally:
-        if not ok:
-            say(procs.tails())
-        procs.stop()
 
 
 def start_worker(procs: Processes, env: dict[str, str], base: Path, name: str, concurrency: int) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 
 from pipeline import EMBED_POOL
 from pipeline.launchers.airflow_run import (
-    airflow_argv,
     airflow_major,
     process_env,
-    start_api_server,
+    start_core,
+    supervised,
     trigger_and_report,
 )
 from pipeline.launchers.processes import Processes, free_port
@@ -48,31 +48,17 @@ def run_local(
     """
     slots = api_concurrency if api_concurrency is not None else parallelism
     ensure_pool(slots)
-    airflow_3 = airflow_major() >= 3
-    api_port = free_port() if airflow_3 else None
+    api_port = free_port() if airflow_major() >= 3 else None
     env = process_env(str(home), executor="LocalExecutor", parallelism=parallelism, api_port=api_port)
-    procs = Processes(home / LOG_DIR)
-    ok = False
-    try:
+    with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        if api_port is not None:
-            start_api_server(procs, env, api_port)
-            procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
-        procs.start("scheduler", airflow_argv("scheduler", "--skip-serve-logs"), env=env)
-        say(
-            f"airflow processes: {f'api-server on 127.0.0.1:{api_port}, dag-processor, ' if airflow_3 else ''}"
-            f"scheduler (parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; logs in {procs.log_dir})"
-        )
-        report = trigger_and_report(
+        started_what = start_core(procs, env, api_port)
+        say(f"airflow processes: {started_what} (parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; "
+            f"logs in {procs.log_dir})")  # fmt: skip
+        return trigger_and_report(
             procs, conf, api_port=api_port, since=since, started=started, deadline=deadline, timeout=timeout,
             say=say,
             concurrency_info={"executor": "LocalExecutor", "parallelism": parallelism, "api_concurrency": slots,
                               "pool": EMBED_POOL},
             topology={"executor": "LocalExecutor", "metadata_db": metadata_db, "broker": None},
         )  # fmt: skip
-        ok = True
-        return report
-    finally:
-        if not ok:
-            say(procs.tails())
-        procs.stop()
