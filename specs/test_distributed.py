@@ -165,13 +165,17 @@ def session_of_worker(parent: psutil.Process, name: str) -> int | None:
     return None
 
 
-def kill_session(sid: int) -> None:
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of session ``sid`` (worker, pool children, task supervisors and processes)."""
+    killed = 0
     for p in psutil.process_iter():
         try:
             if os.getsid(p.pid) == sid:
                 p.kill()
+                killed += 1
         except (psutil.Error, OSError):
             pass
+    return killed
 
 
 # -- one Celery run with injected faults, compared with dag.test() of the same corpus and settings ------------
@@ -272,6 +276,7 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
                                     "run_id = %s AND task_id = %s AND map_index = %s",
                                     (DAG_ID, killed["run_id"], EMBED_TASK, killed["map_index"]))  # fmt: skip
                         killed["after"] = cur.fetchone()
+                        killed["seconds"] = time.monotonic() - killed["at"]
                         return killed["after"][0] > killed["try_number"] and killed["after"][2] == "success"
                     if row is None or not server.records:  # running, and its request reached the endpoint
                         return False
@@ -286,8 +291,9 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
             sid = session_of_worker(parent, row[1])
             if sid is None or running is None:
                 return False
-            killed.update(map_index=row[0], worker=row[1], run_id=running[0], try_number=running[1])
-            kill_session(sid)
+            killed.update(map_index=row[0], worker=row[1], run_id=running[0], try_number=running[1],
+                          at=time.monotonic())  # fmt: skip
+            killed["members"] = kill_session(sid)
             return False
 
         run = run_cli(
@@ -321,6 +327,10 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
     try_number, host, state = killed["after"]  # the killed instance, seen again in the metadata DB
     assert (try_number > killed["try_number"], state) == (True, "success"), killed
     assert host != killed["worker"] and host.startswith("worker-")
+    print(
+        f"killed {killed['worker']} running embed_batch[{killed['map_index']}]; run success; next try done on "
+        f"{host}; the killed worker's session had {killed['members']} processes"
+    )
 
 
 # -- however the command ends, nothing it started is left -----------------------------------------------------
@@ -336,7 +346,7 @@ def test_no_process_outlives_the_command_however_it_ends(cluster_home, tmp_path,
     """SIGTERM to the command, --timeout reached, or a required process dying: exit non-zero with one line,
     and every process it started (checked by pid) is gone."""
     corpus = small_corpus(tmp_path / "corpus")
-    timeout = "25" if ending == "timeout" else "500"
+    timeout = "10" if ending == "timeout" else "500"
 
     def act(parent: psutil.Process, seen: dict[int, float]) -> bool:
         if ending == "timeout" or not _wait_for_workers(parent, seen):
@@ -353,7 +363,7 @@ def test_no_process_outlives_the_command_however_it_ends(cluster_home, tmp_path,
     last = run.stderr.strip().splitlines()[-1]
     expected = {
         "sigterm": (130, "interrupted"),
-        "timeout": (1, "--timeout 25"),
+        "timeout": (1, "--timeout 10"),
         "scheduler dies": (1, "scheduler exited"),
     }
     assert (run.returncode, expected[ending][1] in last) == (expected[ending][0], True), run.stderr[-2000:]
