@@ -117,27 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--executor",
-        choices=["dag-test", "local"],
+        choices=["dag-test", "local", "celery"],
         default="dag-test",
-        help="dag-test: dag.test() in this process (default); local: a real scheduler with "
-        "LocalExecutor (Airflow 3)",
+        help="dag-test: dag.test() in this process (default); local: a real scheduler with LocalExecutor "
+        "(PostgreSQL on Airflow 2); celery: CeleryExecutor with --workers workers, PostgreSQL and Redis",
     )
     run.add_argument(
         "--parallelism",
         type=int,
-        help="--executor local: task instances running at once ([core] parallelism, default 4)",
+        help="--executor local/celery: task instances running at once ([core] parallelism, default 4; "
+        "celery: workers x worker concurrency)",
     )
     run.add_argument(
         "--api-concurrency",
         type=int,
-        help="--executor local: embed task instances at once (slots of the embedding_api pool; "
+        help="--executor local/celery: embed task instances at once (slots of the embedding_api pool; "
         "default: --parallelism)",
+    )
+    run.add_argument("--workers", type=int, help="--executor celery: Celery workers (default 2)")
+    run.add_argument(
+        "--worker-concurrency", type=int, help="--executor celery: task slots per worker (default 2)"
     )
     run.add_argument(
         "--timeout",
         type=float,
         default=1800,
-        help="--executor local: give up on the run after this many seconds (default 1800)",
+        help="--executor local/celery: give up on the run after this many seconds (default 1800)",
     )
 
     bench = commands.add_parser("bench", help="benchmark orchestration overhead against the raw embedder")
@@ -187,36 +192,32 @@ def command_run(args: argparse.Namespace) -> int:
 
     preflight.check(settings, connections=False)  # before Airflow even starts: corpus, extras, paths
 
-    from pipeline import runner
+    from pipeline import launchers, runner
 
-    local = args.executor == "local"
-    if not local:
-        for flag in ("parallelism", "api_concurrency"):
-            if getattr(args, flag) is not None:
-                option = "--" + flag.replace("_", "-")
-                raise SettingsError(f"{option} needs --executor local (dag.test runs one task at a time)")
-    if local:
-        from pipeline import scheduler
-
-        scheduler.check_supported()  # before migrating anything: Airflow 2 is refused in one line
-        for flag, value in (("--parallelism", args.parallelism), ("--api-concurrency", args.api_concurrency)):
-            if value is not None and value < 1:
-                raise SettingsError(f"{flag}={value}: must be >= 1")
+    launched = args.executor != "dag-test"
+    launchers.check_options(
+        args.executor, workers=args.workers, worker_concurrency=args.worker_concurrency,
+        parallelism=args.parallelism, api_concurrency=args.api_concurrency,
+    )  # fmt: skip
     started = time.monotonic()
-    if not runner.is_migrated(args.airflow_home):  # don't spend a migration on a run that cannot start
-        preflight.check_connections_from_environment(settings.models)
-        print(f"airflow home: {os.path.abspath(args.airflow_home)} (new: creating it)", file=sys.stderr)
-    home = runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
-    check_connections(settings)
-    log = home / "logs" / f"pipeline-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    if launched:  # a PostgreSQL home: the DAG's first task checks connections (before any mapped work)
+        home = Path(args.airflow_home)
+    else:
+        if not runner.is_migrated(args.airflow_home):  # don't spend a migration on a run that cannot start
+            preflight.check_connections_from_environment(settings.models)
+            print(f"airflow home: {os.path.abspath(args.airflow_home)} (new: creating it)", file=sys.stderr)
+        home = runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
+        check_connections(settings)
+    log = Path(home).resolve() / "logs" / f"pipeline-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
     with runner.quiet_console(log, enabled=not args.verbose) as console:
         say = lambda line: print(line, file=console, flush=True)  # noqa: E731
         if not args.verbose:
             say(f"task logs: {log}")
-        if local:
-            report = scheduler.run_scheduled(
-                settings.as_dict(), parallelism=args.parallelism or 4, api_concurrency=args.api_concurrency,
-                timeout=args.timeout, progress=say,
+        if launched:
+            report = launchers.launch(
+                args.executor, args.airflow_home, settings.as_dict(), workers=args.workers,
+                worker_concurrency=args.worker_concurrency, parallelism=args.parallelism,
+                api_concurrency=args.api_concurrency, timeout=args.timeout, quiet=not args.verbose, progress=say,
             )  # fmt: skip
         else:
             report = runner.run_dag(settings.as_dict(), progress=say)
@@ -264,6 +265,11 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
             f"concurrency: at most {c['max_overlapping_mapped_tis']} embed task instances at once "
             f"({c['executor']}, parallelism {c['parallelism']}, pool {c['pool']} {c['api_concurrency']} slots)"
         )
+    if "topology" in report:
+        t = report["topology"]
+        ran = ", ".join(f"{w} {n}" for w, n in t["workers"].items())
+        lines.append(f"topology: {t['executor']}, metadata DB {t['metadata_db']}, broker {t['broker'] or '-'}; "
+                     f"embed tries per worker: {ran}")  # fmt: skip
     for name, m in report["per_model"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
         lines.append(

@@ -155,6 +155,16 @@ def task_instances(run_id: str, task_id: str | None = None) -> list[dict[str, An
         ]
 
 
+def task_span(run_id: str) -> float | None:
+    """Seconds from the first task instance's start to the last one's end (what executors can compress)."""
+    tis = task_instances(run_id)
+    starts, ends = (
+        [t["start_date"] for t in tis if t["start_date"]],
+        [t["end_date"] for t in tis if t["end_date"]],
+    )
+    return round((max(ends) - min(starts)).total_seconds(), 3) if starts and ends else None
+
+
 def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the DAG once with ``dag.test()`` and return the report, completed with facts from the metadata DB."""
     ensure_pool()  # embed_batch names the pool; create it (if missing) so every executor can queue the task
@@ -163,7 +173,8 @@ def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = No
     with _progress(progress):
         dag_run = dag.test(run_conf=conf)
     state = str(getattr(dag_run.state, "value", dag_run.state))
-    return finalize_report(conf, dag_run.run_id, state, time.monotonic() - started)
+    wall = time.monotonic() - started
+    return finalize_report(conf, dag_run.run_id, state, wall, task_span_seconds=task_span(dag_run.run_id))
 
 
 def finalize_report(
@@ -207,12 +218,17 @@ def xcom_bytes(run_id: str, task_id: str | None = None) -> int:
     from airflow.utils.session import create_session
     from sqlalchemy import text
 
-    query = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+    from pipeline.compat import AIRFLOW_3
+
     args = {"dag": DAG_ID, "run": run_id}
-    if task_id:
-        query += " AND task_id = :task"
-        args["task"] = task_id
     with create_session() as session:
+        size = "LENGTH(value)"  # SQLite: bytes of the stored JSON
+        if session.get_bind().dialect.name == "postgresql":  # Airflow 3: jsonb (its text); Airflow 2: bytea
+            size = "OCTET_LENGTH(value::text)" if AIRFLOW_3 else "OCTET_LENGTH(value)"
+        query = f"SELECT COALESCE(SUM({size}), 0) FROM xcom WHERE dag_id = :dag AND run_id = :run"
+        if task_id:
+            query += " AND task_id = :task"
+            args["task"] = task_id
         return int(session.execute(text(query), args).scalar())
 
 

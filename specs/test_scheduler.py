@@ -7,8 +7,6 @@ process's Airflow home (conftest), and must leave none of them behind.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +19,7 @@ from pipeline.runner import DAGS_FOLDER, EMBED_TASK
 ROOT = Path(__file__).resolve().parent.parent
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 needs_airflow_3 = pytest.mark.skipif(
-    not AIRFLOW_3, reason="Airflow 2's LocalExecutor needs PostgreSQL/MySQL; scheduler mode is Airflow 3 only"
+    not AIRFLOW_3, reason="Airflow 2's LocalExecutor needs PostgreSQL: test_distributed.py runs it there"
 )
 
 PARALLELISM, API_CONCURRENCY = 4, 3
@@ -58,7 +56,7 @@ def t(seconds: float) -> datetime:
 
 def test_max_overlap_counts_intervals_open_at_one_instant():
     """Overlap is computed from start/end times; an end and a start at the same instant do not overlap."""
-    from pipeline.scheduler import max_overlap
+    from pipeline.launchers.airflow_run import max_overlap
 
     assert max_overlap([]) == 0
     assert max_overlap([(t(0), t(1)), (t(1), t(2)), (t(2), t(3))]) == 1
@@ -76,27 +74,12 @@ def test_embed_task_runs_in_the_embedding_api_pool(airflow_home):
     assert {t.pool for t in dag.tasks if t.task_id != EMBED_TASK} == {"default_pool"}
 
 
-@pytest.mark.smoke
-@pytest.mark.skipif(AIRFLOW_3, reason="Airflow 3 runs scheduler mode; the refusal is Airflow 2's")
-def test_local_executor_is_refused_on_airflow_2_in_one_line(tmp_path):
-    """On Airflow 2 --executor local exits 1 with one line naming PostgreSQL, before making a home."""
-    corpus = small_corpus(tmp_path / "corpus")
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(corpus), "--executor", "local",
-         "--airflow-home", str(tmp_path / "home"), "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.count("\n") == 1 and "PostgreSQL" in done.stderr
-    assert not (tmp_path / "home").exists()
-
-
 @pytest.mark.scheduler
 @needs_airflow_3
 def test_local_executor_runs_mapped_instances_in_parallel_within_the_pool(airflow_home, run_dag, tmp_path):
     """parallelism 4, pool 3: embed task instances overlap (2 or 3 at once, never 4), and the run reports the
     same chunks, mapped instances, embeddings and stored vectors as a dag.test run of the same corpus."""
-    from pipeline.scheduler import run_scheduled
+    from pipeline.launchers import launch
     from pipeline.settings import Settings
 
     corpus = small_corpus(tmp_path / "corpus")
@@ -104,8 +87,8 @@ def test_local_executor_runs_mapped_instances_in_parallel_within_the_pool(airflo
     conf = Settings(corpus_dir=str(corpus), **paths, **OPTIONS).as_dict()
     lines: list[str] = []
     try:
-        report = run_scheduled(conf, parallelism=PARALLELISM, api_concurrency=API_CONCURRENCY, timeout=900,
-                               progress=lines.append)  # fmt: skip
+        report = launch("local", airflow_home, conf, parallelism=PARALLELISM, api_concurrency=API_CONCURRENCY,
+                        timeout=900, progress=lines.append)  # fmt: skip
     finally:
         leftovers = airflow_children()
     assert not leftovers, f"Airflow processes left behind: {leftovers}"
@@ -126,3 +109,10 @@ def test_local_executor_runs_mapped_instances_in_parallel_within_the_pool(airflo
 
     assert counts(report) == counts(reference)
     assert report["embeddings"]["failed"] == 0
+    t = report["topology"]
+    assert (t["executor"], t["metadata_db"], t["broker"]) == (
+        "LocalExecutor",
+        f"sqlite:///{airflow_home}/airflow.db",
+        None,
+    )
+    assert sum(t["workers"].values()) == report["mapped_task_instances"]  # one try each, on this machine
