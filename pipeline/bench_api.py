@@ -61,9 +61,10 @@ def launch(mode: str, conf: dict[str, Any]) -> dict[str, Any]:
 
         steps._embedder.cache_clear()  # dag.test runs tasks in this process: no client of an earlier emulator
         return run_dag(conf)
-    from pipeline.scheduler import run_scheduled
+    from pipeline.launchers import launch as launch_executor
 
-    return run_scheduled(conf, parallelism=int(mode.split("-")[1]), timeout=1800)
+    home = os.environ["AIRFLOW_HOME"]  # the bench's home, chosen before Airflow was imported
+    return launch_executor("local", home, conf, parallelism=int(mode.split("-")[1]), timeout=1800)
 
 
 def parallel_modes() -> list[str]:
