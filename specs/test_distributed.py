@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from embedding_server import EmbeddingServer, ServerConfig
 
 from conftest import file_lock
 from pipeline import DAG_ID, store
+from pipeline.emulator import Emulator, EmulatorConfig
 from pipeline.runner import EMBED_TASK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
     instance is retried on the other worker, the run succeeds, and the store has every pair exactly once."""
     key = "sk-distributed"
     corpus = small_corpus(tmp_path / "corpus", documents=6)
-    with EmbeddingServer(ServerConfig(api_key=key, dim=8, delay_seconds=3.0)) as server:
+    with Emulator(EmulatorConfig(api_key=key, dim=8, delay_seconds=3.0)) as server:
         conn = {"conn_type": "http", "host": server.base_url, "password": key, "extra": {"dimensions": 8}}
         killed: dict[str, Any] = {}
 

@@ -84,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     server = None
     if args.latency is not None:
-        sys.path.insert(0, str(ROOT / "specs"))
-        from embedding_server import EmbeddingServer, ServerConfig
+        from pipeline.emulator import Emulator, EmulatorConfig
 
-        server = EmbeddingServer(
-            ServerConfig(api_key="sk-bench", dim=64, delay_seconds=args.latency)
+        server = Emulator(
+            EmulatorConfig(api_key="sk-bench", dim=64, latency_seconds=args.latency)
         ).__enter__()
         conn = {
             "conn_type": "http",
