@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -210,7 +211,7 @@ class Emulator:
     def _limit_headers(self) -> dict[str, str]:
         return {k: v for kind, b in self._buckets.items() for k, v in b.headers(kind).items()}
 
-    def _admit(self, tokens: int, now: float, model: str) -> tuple[str, float] | None:
+    def _admit(self, tokens: int, now: float) -> tuple[str, float] | None:
         """Take one request and ``tokens`` from the buckets, or say which one is short and for how long."""
         need = {"requests": 1, "tokens": tokens}
         for bucket in self._buckets.values():
@@ -234,11 +235,7 @@ class Emulator:
             with self._lock:
                 self.unauthorised += 1
                 self.records.append(Record(arrived, 0, 0, 401, ()))
-            return (
-                401,
-                self._error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
-                {},
-            )
+            return 401, self._error("Incorrect API key provided.", code="invalid_api_key"), {}
         try:
             body = json.loads(raw)
             texts = body["input"]
@@ -248,28 +245,22 @@ class Emulator:
         except Exception as exc:  # noqa: BLE001
             return 400, self._error(f"malformed request: {exc}"), {}
         tokens = [count_tokens(t) for t in texts]
-        problems = []
-        if not texts or len(texts) > cfg.max_inputs_per_request:
-            problems.append(f"{len(texts)} inputs, limit {cfg.max_inputs_per_request}")
-        if any(not t for t in texts):
-            problems.append("empty input")
-        if any(n > cfg.max_tokens_per_input for n in tokens):
-            problems.append(f"input of {max(tokens)} tokens, limit {cfg.max_tokens_per_input}")
-        if sum(tokens) > cfg.max_tokens_per_request:
-            problems.append(f"request of {sum(tokens)} tokens, limit {cfg.max_tokens_per_request}")
+        problems = [problem for bad, problem in [
+            (not texts or len(texts) > cfg.max_inputs_per_request, f"{len(texts)} inputs, limit {cfg.max_inputs_per_request}"),
+            (any(not t for t in texts), "empty input"),
+            (max(tokens, default=0) > cfg.max_tokens_per_input, f"input of {max(tokens, default=0)} tokens, limit {cfg.max_tokens_per_input}"),
+            (sum(tokens) > cfg.max_tokens_per_request, f"request of {sum(tokens)} tokens, limit {cfg.max_tokens_per_request}"),
+        ] if bad]  # fmt: skip
         with self._lock:
             if problems:
                 self.violations.extend(problems)
                 self.records.append(Record(arrived, len(texts), sum(tokens), 400, tuple(texts)))
                 return 400, self._error("limit exceeded: " + "; ".join(problems)), {}
-            short = self._admit(sum(tokens), arrived, body["model"])
+            short = self._admit(sum(tokens), arrived)
             limit_headers = self._limit_headers()
             if short is not None:
-                self.records.append(
-                    Record(arrived, len(texts), sum(tokens), 429, tuple(texts), 0.0, short[0])
-                )
-                return self._rate_limited(short, sum(tokens), body["model"]) + (limit_headers | {
-                    "retry-after": str(math.ceil(short[1])), "retry-after-ms": str(math.ceil(short[1] * 1000))},)  # fmt: skip
+                self.records.append(Record(arrived, len(texts), sum(tokens), 429, tuple(texts), 0, short[0]))
+                return self._rate_limited(short, sum(tokens), body["model"], limit_headers)
             k = self._served
             self._served += 1
             status = cfg.schedule[k] if k < len(cfg.schedule) else 200
@@ -294,14 +285,16 @@ class Emulator:
         usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
         return 200, {"object": "list", "data": data, "model": body["model"], "usage": usage}, limit_headers
 
-    def _rate_limited(self, short: tuple[str, float], tokens: int, model: str) -> tuple[int, dict[str, Any]]:
+    def _rate_limited(self, short: tuple[str, float], tokens: int, model: str,
+                      headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
+        """OpenAI's 429 for the emulated limits: which limit, and when the request will fit."""
         kind, wait = short
-        cfg = self.config
-        limit, unit = (cfg.rpm, "RPM") if kind == "requests" else (cfg.tpm, "TPM")
-        requested = 1 if kind == "requests" else tokens
+        limit, unit = (self.config.rpm, "RPM") if kind == "requests" else (self.config.tpm, "TPM")
         message = (f"Rate limit reached for {model} in organization org-emulator on {kind} per min ({unit}): "
-                   f"Limit {limit}, Requested {requested}. Please try again in {format_duration(wait)}.")  # fmt: skip
-        return 429, self._error(message, kind, "rate_limit_exceeded")
+                   f"Limit {limit}, Requested {1 if kind == 'requests' else tokens}. "
+                   f"Please try again in {format_duration(wait)}.")  # fmt: skip
+        retry = {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))}
+        return 429, self._error(message, kind, "rate_limit_exceeded"), headers | retry
 
     # -- accounting
 
@@ -354,10 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             latency_per_token=args.latency_per_token)  # fmt: skip
     with Emulator(config, port=args.port) as emulator:
         print(emulator.base_url, flush=True)  # the first line: what a parent process reads
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 
