@@ -84,16 +84,7 @@ def essentials(report: dict) -> dict:
     store_counts = {
         k: report["store"][k] for k in ("upserted", "inserted", "updated", "vectors", "per_model")
     }
-    keys = (
-        "documents",
-        "chunks",
-        "tokens",
-        "models",
-        "batches",
-        "embeddings",
-        "failures_by_kind",
-        "per_model",
-    )
+    keys = "documents chunks tokens models batches embeddings failures_by_kind per_model".split()
     failures = sorted((f["chunk_id"], f["model"], f["kind"]) for f in report["failures"])
     return {k: report[k] for k in keys} | {
         "failures": failures,
