@@ -11,47 +11,52 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.dispatch import plan_requests, send_requests
+from pipeline.dispatch import RequestPlan, plan_requests, send_requests
 from pipeline.embedders import EmbeddingConfigError
 from pipeline.faults import FaultPlan, FaultyCall
 from pipeline.resilience import Backoff, Outcome, embed_resiliently
 from specs.strategies import chunk_ids, token_count_lists, unit_vectors
 
-caps = st.tuples(st.integers(1, 120), st.integers(1, 8))  # (max_tokens, max_inputs)
+
+@st.composite
+def split_batches(draw: st.DrawFn) -> tuple[list[int], int, int]:
+    """Token counts of a batch (sometimes with a huge chunk) and request caps (max_tokens, max_inputs)."""
+    return draw(token_count_lists()), draw(st.integers(1, 120)), draw(st.integers(1, 8))
 
 
-@given(token_count_lists(), caps)
-@example([5, 10**5, 5], (50, 8)).via("one huge chunk between small ones")
-@example([], (1, 1)).via("an empty batch sends nothing")
-def test_every_chunk_is_in_exactly_one_request_or_oversize_in_order(
-    counts: list[int], cap: tuple[int, int]
-) -> None:
+def split(case: tuple[list[int], int, int]) -> tuple[list[int], int, int, RequestPlan]:
+    counts, max_tokens, max_inputs = case
+    return counts, max_tokens, max_inputs, plan_requests(counts, max_tokens=max_tokens, max_inputs=max_inputs)
+
+
+@given(split_batches())
+@example(([5, 10**5, 5], 50, 8)).via("one huge chunk between small ones")
+@example(([], 1, 1)).via("an empty batch sends nothing")
+def test_every_chunk_is_in_exactly_one_request_or_oversize_in_order(case: tuple[list[int], int, int]) -> None:
     """Requests hold batch positions in increasing order; with the oversize ones they cover the batch once."""
-    plan = plan_requests(counts, max_tokens=cap[0], max_inputs=cap[1])
+    counts, _, _, plan = split(case)
     sent = [p for r in plan.requests for p in r]
     assert sent == sorted(sent) and all(plan.requests)
     assert sorted(sent + plan.oversize) == list(range(len(counts)))
 
 
-@given(token_count_lists(), caps)
+@given(split_batches())
 def test_no_request_is_over_either_cap_and_only_chunks_above_the_token_cap_are_oversize(
-    counts: list[int], cap: tuple[int, int]
+    case: tuple[list[int], int, int],
 ) -> None:
     """Each request has at most max_inputs inputs and max_tokens tokens; oversize = the chunks above max_tokens."""
-    max_tokens, max_inputs = cap
-    plan = plan_requests(counts, max_tokens=max_tokens, max_inputs=max_inputs)
+    counts, max_tokens, max_inputs, plan = split(case)
     for r in plan.requests:
         assert len(r) <= max_inputs and sum(counts[p] for p in r) <= max_tokens
     assert plan.oversize == [i for i, c in enumerate(counts) if c > max_tokens]
 
 
-@given(token_count_lists(), caps)
+@given(split_batches())
 def test_a_request_is_closed_only_when_the_next_chunk_would_break_a_cap(
-    counts: list[int], cap: tuple[int, int]
+    case: tuple[list[int], int, int],
 ) -> None:
     """Adding the next request's first chunk to a request would exceed max_inputs or max_tokens (fewest calls)."""
-    max_tokens, max_inputs = cap
-    plan = plan_requests(counts, max_tokens=max_tokens, max_inputs=max_inputs)
+    counts, max_tokens, max_inputs, plan = split(case)
     for r, nxt in itertools.pairwise(plan.requests):
         assert len(r) + 1 > max_inputs or sum(counts[p] for p in r) + counts[nxt[0]] > max_tokens
 
