@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workers", type=int, help="--executor celery: Celery workers (default 2)")
     run.add_argument(
+        "--ui",
+        action="store_true",
+        help="--executor local/celery (Airflow 3): serve the Airflow UI on 127.0.0.1 "
+        "during the run and print its URL",
+    )
+    run.add_argument(
         "--worker-concurrency", type=int, help="--executor celery: task slots per worker (default 2)"
     )
     run.add_argument(
@@ -197,7 +203,7 @@ def command_run(args: argparse.Namespace) -> int:
     launched = args.executor != "dag-test"
     launchers.check_options(
         args.executor, workers=args.workers, worker_concurrency=args.worker_concurrency,
-        parallelism=args.parallelism, api_concurrency=args.api_concurrency,
+        parallelism=args.parallelism, api_concurrency=args.api_concurrency, ui=args.ui,
     )  # fmt: skip
     started = time.monotonic()
     if launched:  # a PostgreSQL home: the DAG's first task checks connections (before any mapped work)
@@ -218,6 +224,7 @@ def command_run(args: argparse.Namespace) -> int:
                 args.executor, args.airflow_home, settings.as_dict(), workers=args.workers,
                 worker_concurrency=args.worker_concurrency, parallelism=args.parallelism,
                 api_concurrency=args.api_concurrency, timeout=args.timeout, quiet=not args.verbose, progress=say,
+                ui=args.ui,
             )  # fmt: skip
         else:
             report = runner.run_dag(settings.as_dict(), progress=say)

@@ -329,7 +329,8 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
     assert host != killed["worker"] and host.startswith("worker-")
     print(
         f"killed {killed['worker']} running embed_batch[{killed['map_index']}]; run success; next try done on "
-        f"{host}; the killed worker's session had {killed['members']} processes"
+        f"{host} ({killed['seconds']:.0f} s after the kill); the killed worker's session had {killed['members']} "
+        "processes"
     )
 
 

@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT = 1800.0
 
 def check_options(
     executor: str, *, workers: int | None, worker_concurrency: int | None, parallelism: int | None,
-    api_concurrency: int | None,
+    api_concurrency: int | None, ui: bool = False,
 ) -> None:  # fmt: skip
     """Raise :class:`~pipeline.settings.SettingsError` (one line) for options the executor cannot take."""
     from pipeline.settings import SettingsError
@@ -36,6 +36,8 @@ def check_options(
         if value is not None and value < 1:
             raise SettingsError(f"{flag}={value}: must be >= 1")
     allowed = {"local": ("--parallelism", "--api-concurrency"), "celery": tuple(given)}.get(executor, ())
+    if ui and executor not in ("local", "celery"):
+        raise SettingsError("--ui needs --executor local or celery (the UI runs in their api-server)")
     for flag, value in given.items():
         if value is not None and flag not in allowed:
             needs = "--executor celery" if flag.startswith("--worker") else "--executor local or celery"
@@ -54,6 +56,7 @@ def launch(
     timeout: float = DEFAULT_TIMEOUT,
     quiet: bool = True,
     progress: Callable[[str], None] | None = None,
+    ui: bool = False,
 ) -> dict[str, Any]:
     """Run the DAG once with ``executor`` ("local" or "celery") on ``airflow_home``; return the report.
 
@@ -67,18 +70,22 @@ def launch(
     say = progress or (lambda line: None)
     home = Path(airflow_home).resolve()
     started = time.monotonic()
-    times = {"started": started, "deadline": started + timeout, "timeout": timeout}
+    common: dict[str, Any] = {"started": started, "deadline": started + timeout, "timeout": timeout, "ui": ui}
+    if ui and airflow_major() < 3:
+        raise runner.RunError(
+            "--ui needs Airflow 3 (its api-server serves the UI); on Airflow 2 run airflow webserver"
+        )
     if executor == "local" and airflow_major() >= 3:  # Airflow 3's LocalExecutor runs on the SQLite home
         from pipeline.launchers.local import run_local
 
         runner.use_airflow_home(home, quiet=quiet)
         with sigterm_as_interrupt():
             return run_local(conf, home=home, parallelism=parallelism or 4, api_concurrency=api_concurrency,
-                             metadata_db=f"sqlite:///{home}/airflow.db", say=say, **times)  # fmt: skip
+                             metadata_db=f"sqlite:///{home}/airflow.db", say=say, **common)  # fmt: skip
     services = Processes(home / "services" / "logs")
     with sigterm_as_interrupt():
         try:
-            return _on_postgres(executor, home, conf, services, quiet, say, times, workers=workers or 2,
+            return _on_postgres(executor, home, conf, services, quiet, say, common, workers=workers or 2,
                                 worker_concurrency=worker_concurrency or 2, parallelism=parallelism,
                                 api_concurrency=api_concurrency)  # fmt: skip
         finally:
@@ -87,7 +94,7 @@ def launch(
 
 def _on_postgres(
     executor: str, home: Path, conf: dict[str, Any], services: Any, quiet: bool, say: Callable[[str], None],
-    times: dict[str, float], *, workers: int, worker_concurrency: int, parallelism: int | None,
+    common: dict[str, Any], *, workers: int, worker_concurrency: int, parallelism: int | None,
     api_concurrency: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     from pipeline.launchers import services as svc
@@ -102,12 +109,12 @@ def _on_postgres(
         from pipeline.launchers.local import run_local
 
         return run_local(conf, home=home, parallelism=parallelism or 4, api_concurrency=api_concurrency,
-                         metadata_db=postgres.url("postgresql", secret=False), say=say, **times)  # fmt: skip
+                         metadata_db=postgres.url("postgresql", secret=False), say=say, **common)  # fmt: skip
     from pipeline.launchers.celery_cluster import run_celery
 
     return run_celery(conf, home=home, postgres=postgres, redis=redis, workers=workers,
                       worker_concurrency=worker_concurrency, parallelism=parallelism or workers * worker_concurrency,
-                      api_concurrency=api_concurrency, say=say, **times)  # fmt: skip
+                      api_concurrency=api_concurrency, say=say, **common)  # fmt: skip
 
 
 def use_postgres_home(home: Path, postgres: Any, *, quiet: bool) -> None:

@@ -31,7 +31,9 @@ def airflow_major() -> int:
     return int(version("apache-airflow").split(".")[0])
 
 
-def process_env(home: str, *, executor: str, parallelism: int, api_port: int | None) -> dict[str, str]:
+def process_env(
+    home: str, *, executor: str, parallelism: int, api_port: int | None, ui: bool = False
+) -> dict[str, str]:
     """Env of the Airflow processes: this process's Airflow env (same home, same DB) + the executor's."""
     env = airflow_env(home) | dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
@@ -55,6 +57,8 @@ def process_env(home: str, *, executor: str, parallelism: int, api_port: int | N
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(48),
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            # --ui: the UI on 127.0.0.1 only, without a login (every visitor is admin: loopback only).
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(ui),
             # The task supervisor waits in select() up to this long per loop; when a task process closes its
             # sockets a moment before it exits, the supervisor notices the exit only at the next wake-up, so a
             # worker slot stays busy up to this long after the task ended (5 s by default: seen as
@@ -75,13 +79,13 @@ def start_api_server(procs: Processes, env: dict[str, str], port: int, apps: str
                                            "--apps", apps, "--workers", "1"), env=env)  # fmt: skip
 
 
-def start_core(procs: Processes, env: dict[str, str], api_port: int | None) -> str:
+def start_core(procs: Processes, env: dict[str, str], api_port: int | None, ui: bool = False) -> str:
     """Start api-server + dag-processor (Airflow 3) and the scheduler; return what was started, for the console.
 
     Airflow 2's scheduler parses the DAGs itself and its task processes reach the DB directly.
     """
     if api_port is not None:
-        start_api_server(procs, env, api_port)
+        start_api_server(procs, env, api_port, apps="all" if ui else "execution")
         procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
     procs.start("scheduler", airflow_argv("scheduler", "--skip-serve-logs"), env=env)
     return (
@@ -271,6 +275,7 @@ def trigger_and_report(
     concurrency_info: dict[str, Any],
     topology: dict[str, Any],
     ready: Callable[[], str] = str,
+    ui: bool = False,
 ) -> dict[str, Any]:
     """Wait for the started processes, trigger one run, wait for it and return its report.
 
@@ -288,6 +293,8 @@ def trigger_and_report(
     for stale in trigger(run_id, conf):
         say(f"marked unfinished earlier run {stale} failed (max_active_runs=1)")
     say(f"triggered {run_id}")
+    if ui:
+        say(f"Airflow UI (until the run ends): http://127.0.0.1:{api_port}/dags/{DAG_ID}/runs/{run_id}")
     state = wait_run(procs, run_id, deadline, say, timeout)
     wall = time.monotonic() - triggered  # like dag.test's: the run itself; starting up is startup_seconds
     concurrency_info = concurrency_info | {"max_overlapping_mapped_tis": concurrency(run_id)}

@@ -83,12 +83,13 @@ def run_celery(
     deadline: float,
     timeout: float,
     say: Callable[[str], None],
+    ui: bool = False,
 ) -> dict[str, Any]:
     """Run the DAG once on CeleryExecutor with ``workers`` workers; return the report (+ ``topology``)."""
     slots = api_concurrency if api_concurrency is not None else parallelism
     ensure_pool(slots)
     api_port = free_port() if airflow_major() >= 3 else None
-    env = process_env(str(home), executor="CeleryExecutor", parallelism=parallelism, api_port=api_port)
+    env = process_env(str(home), executor="CeleryExecutor", parallelism=parallelism, api_port=api_port, ui=ui)
     env |= recovery_settings(timeout) | {
         "AIRFLOW__CELERY__BROKER_URL": redis.url(),
         # postgresql+psycopg2: SQLAlchemy 2.1's plain postgresql:// means psycopg 3, which is not installed
@@ -98,7 +99,7 @@ def run_celery(
     names = [f"worker-{i}" for i in range(1, workers + 1)]
     with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        started_what = start_core(procs, env, api_port)
+        started_what = start_core(procs, env, api_port, ui)
         for name in names:
             start_worker(procs, env, home / LOG_DIR / name, name, worker_concurrency)
         say(
@@ -113,7 +114,7 @@ def run_celery(
 
         report = trigger_and_report(
             procs, conf, api_port=api_port, since=since, started=started, deadline=deadline, timeout=timeout,
-            say=say, ready=workers_ready,
+            say=say, ready=workers_ready, ui=ui,
             concurrency_info={"executor": "CeleryExecutor", "parallelism": parallelism, "api_concurrency": slots,
                               "pool": EMBED_POOL, "workers": workers, "worker_concurrency": worker_concurrency},
             topology={"executor": "CeleryExecutor", "metadata_db": postgres.url("postgresql", secret=False),

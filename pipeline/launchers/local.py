@@ -41,6 +41,7 @@ def run_local(
     timeout: float,
     metadata_db: str,
     say: Callable[[str], None],
+    ui: bool = False,
 ) -> dict[str, Any]:
     """Run the DAG once under scheduler + LocalExecutor; return the report (plus ``concurrency``, ``topology``).
 
@@ -49,15 +50,15 @@ def run_local(
     slots = api_concurrency if api_concurrency is not None else parallelism
     ensure_pool(slots)
     api_port = free_port() if airflow_major() >= 3 else None
-    env = process_env(str(home), executor="LocalExecutor", parallelism=parallelism, api_port=api_port)
+    env = process_env(str(home), executor="LocalExecutor", parallelism=parallelism, api_port=api_port, ui=ui)
     with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        started_what = start_core(procs, env, api_port)
+        started_what = start_core(procs, env, api_port, ui)
         say(f"airflow processes: {started_what} (parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; "
             f"logs in {procs.log_dir})")  # fmt: skip
         return trigger_and_report(
             procs, conf, api_port=api_port, since=since, started=started, deadline=deadline, timeout=timeout,
-            say=say,
+            say=say, ui=ui,
             concurrency_info={"executor": "LocalExecutor", "parallelism": parallelism, "api_concurrency": slots,
                               "pool": EMBED_POOL},
             topology={"executor": "LocalExecutor", "metadata_db": metadata_db, "broker": None},
