@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import AIRFLOW_EXAMPLES
+from conftest import AIRFLOW_EXAMPLES, AIRFLOW_PHASES
 from pipeline.chunking import chunk_text
 from pipeline.runner import EMBED_TASK
 
@@ -23,7 +23,12 @@ pytestmark = [pytest.mark.airflow, pytest.mark.smoke]  # cheap enough for every 
 
 CHUNK_TOKENS = 5  # one word = one token below, so a document of n words makes ceil(n / 5) chunks
 MODELS = ("hash-words-256", "hash-chars-384")
-dag_runs = settings(max_examples=AIRFLOW_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+dag_runs = settings(
+    max_examples=AIRFLOW_EXAMPLES,
+    phases=AIRFLOW_PHASES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 doc_words = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=2)
 model_sets = st.sampled_from([MODELS[:1], MODELS[1:], MODELS])
