@@ -67,21 +67,19 @@ def _embedder(model: str, work_dir: str) -> Embedder:  # one load per worker pro
     return get_embedder(model, work_dir)
 
 
-def _config_error_path(directory: str, model: str) -> Any:
-    return staging.as_path(f"{directory}/config-errors/{store.table_name(model)}.txt")
+def _config_error_uri(directory: str, model: str) -> str:
+    return f"{directory}/config-errors/{store.table_name(model)}.txt"
 
 
-def config_errors(directory: str, models: Sequence[str]) -> dict[str, str]:
+def config_errors(directory: str, models: Sequence[str], conn_id: str | None = None) -> dict[str, str]:
     """model -> why it could not run in this DAG run (recorded by the first task instance that found out)."""
-    found = {}
-    for model in models:
-        path = _config_error_path(directory, model)
-        if path.exists():
-            found[model] = path.read_text(encoding="utf-8")
-    return found
+    found = {m: staging.read_text(_config_error_uri(directory, m), conn_id) for m in models}
+    return {m: why for m, why in found.items() if why is not None}
 
 
-def _configuration_failed(directory: str, model: str, error: BaseException) -> ConfigurationError:
+def _configuration_failed(
+    directory: str, model: str, error: BaseException, conn_id: str | None
+) -> ConfigurationError:
     """Record why ``model`` cannot run, once per DAG run, so other instances stop at once and the run says why."""
     from pipeline.preflight import PreflightError, check_model
 
@@ -91,9 +89,7 @@ def _configuration_failed(directory: str, model: str, error: BaseException) -> C
             check_model(model)
         except PreflightError as exc:
             message = str(exc)
-    path = _config_error_path(directory, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(message, encoding="utf-8")
+    staging.write_text(_config_error_uri(directory, model), message, conn_id)
     return ConfigurationError(message)
 
 
@@ -104,20 +100,21 @@ def load_embedder(model: str, settings: Settings, directory: str) -> Embedder:
     a key) or a provider refusing the credentials is a configuration error; anything else propagates (a load
     may fail transiently, e.g. an endpoint down while probing the dimension, and Airflow's retries apply).
     """
-    recorded = config_errors(directory, [model])
+    conn_id = settings.object_storage_conn_id
+    recorded = config_errors(directory, [model], conn_id)
     if recorded:
         raise ConfigurationError(recorded[model])
     try:
         return _embedder(model, settings.work_dir)
     except (ImportError, EmbeddingConfigError) as exc:
-        raise _configuration_failed(directory, model, exc) from None
+        raise _configuration_failed(directory, model, exc, conn_id) from None
     except Exception as exc:
         from pipeline.preflight import PreflightError, check_model
 
         try:
             check_model(model)
         except PreflightError:
-            raise _configuration_failed(directory, model, exc) from None
+            raise _configuration_failed(directory, model, exc, conn_id) from None
         raise
 
 
@@ -147,7 +144,7 @@ def embed_batch(
             concurrency=settings.request_concurrency,
         )
     except EmbeddingConfigError as exc:  # the provider refused credentials/model mid-run (401/403/404)
-        raise _configuration_failed(directory, model, exc) from None
+        raise _configuration_failed(directory, model, exc, settings.object_storage_conn_id) from None
     failures += [[f.chunk_id, f.kind, f.error] for f in outcome.failures]
     vectors = outcome.matrix(embedder.dim)
     staged = None  # relative to the run directory: XCom stays small (goal: <= 512 B per chunk x model pair)
@@ -179,8 +176,12 @@ def aggregate_results(
     models: Sequence[str],
     results: Iterable[Any],
     directory: str | None = None,
+    conn_id: str | None = None,
 ) -> dict[str, Any]:
-    """The run's summary (see :func:`pipeline.aggregate.reconcile`); check it with :func:`over_budget`."""
+    """The run's summary (see :func:`pipeline.aggregate.reconcile`); check it with :func:`over_budget`.
+
+    ``directory`` (the run's staging folder, reached through ``conn_id``) holds why a model could not run.
+    """
 
     @functools.cache
     def all_ids() -> list[str]:  # read once, and only if some task instance left no result
@@ -189,7 +190,7 @@ def aggregate_results(
     def chunk_ids(start: int, stop: int) -> list[str]:
         return all_ids()[start:stop]
 
-    why = config_errors(directory, models) if directory else {}
+    why = config_errors(directory, models, conn_id) if directory else {}
     summary = aggregate.reconcile(plan, models, list(results), chunk_ids, why)
     log.info("%(succeeded)d succeeded, %(failed)d failed of %(expected)d expected", summary)
     return summary

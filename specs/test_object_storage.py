@@ -224,8 +224,9 @@ def test_one_task_writes_the_store() -> None:
 
 
 @pytest.mark.airflow
-def test_a_missing_bucket_fails_the_task_once_with_one_line(s3, run_dag) -> None:
-    """At task run time a missing bucket fails chunk_documents at once (no retries), in one line naming the connection."""
+def test_a_missing_bucket_fails_the_run_in_its_first_task_with_one_line(s3, run_dag) -> None:
+    """Triggered directly, a missing bucket fails resolve_settings's preflight at once (no retries), in one line
+    naming the setting and the connection; chunking never runs."""
     from pipeline.runner import RunError
 
     with pytest.raises(RunError) as failed:
@@ -233,14 +234,16 @@ def test_a_missing_bucket_fails_the_task_once_with_one_line(s3, run_dag) -> None
     message = str(failed.value)
     assert "\n" not in message
     assert (
-        "chunk_documents: s3://no-such-bucket/work (connection 'aws_default'): bucket 'no-such-bucket'"
+        "resolve_settings: work_dir: s3://no-such-bucket/work (connection 'aws_default'): bucket 'no-such-bucket'"
         in message
     )
     run_id = message.split()[2]
     from pipeline.runner import task_instances
 
+    (first,) = task_instances(run_id, "resolve_settings")
+    assert first["state"] == "failed" and first["try_number"] == 1
     (chunking,) = task_instances(run_id, "chunk_documents")
-    assert chunking["state"] == "failed" and chunking["try_number"] == 1
+    assert chunking["state"] != "success"
 
 
 def cli(tmp_path: Path, home: Path, *options: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -168,7 +168,9 @@ def parallel_embeddings():
             raise AirflowSkipException("nothing to aggregate: an upstream task failed")
         s = _settings(settings)
         received = [results[i] for i in range(len(results))] if results is not None else []
-        summary = steps.aggregate_results(chunk_set, plan or [], models, received, _run_dir(s))
+        summary = steps.aggregate_results(
+            chunk_set, plan or [], models, received, _run_dir(s), s.object_storage_conn_id
+        )
         reason = over_budget(summary, s.max_failed_share)
         if reason:
             fail_task(reason)
