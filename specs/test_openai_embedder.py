@@ -39,7 +39,8 @@ def slow(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-JITTER = 0.04  # seconds of client-to-server scheduling jitter tolerated when measuring a window at the server
+JITTER = 0.15  # seconds of client-to-server scheduling jitter tolerated at the server (as in test_rate_limits: 0.04 failed
+# once on a quiet 2-core CI run with two xdist workers: 50 tokens in 0.96 s against 42)
 
 
 # ------------------------------------------------------------------------------------------------ strategies
