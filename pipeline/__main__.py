@@ -213,8 +213,10 @@ def command_run(args: argparse.Namespace) -> int:
             preflight.check_connections_from_environment(settings.models)
             print(f"airflow home: {os.path.abspath(args.airflow_home)} (new: creating it)", file=sys.stderr)
         home = runner.use_airflow_home(args.airflow_home, quiet=not args.verbose)
-        check_connections(settings)
     log = Path(home).resolve() / "logs" / f"pipeline-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    if not launched:  # this imports Airflow: its import-time warnings go to the log, not before the one line
+        with runner.quiet_console(log, enabled=not args.verbose):
+            check_connections(settings)
     with runner.quiet_console(log, enabled=not args.verbose) as console:
         say = lambda line: print(line, file=console, flush=True)  # noqa: E731
         if not args.verbose:
