@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--request-concurrency",
-        type=int,
-        help="requests in flight at once inside one task instance (default 1; an API model can use more)",
+        help="requests in flight at once inside one task instance, or auto (default: auto, i.e. 1 for a local "
+        "model, several for an API model within its rate budget)",
     )
     run.add_argument("--chunk-tokens", type=int, help="tokens per chunk at most (default 200)")
     run.add_argument("--chunk-overlap", type=int, help="tokens repeated between chunks (default 20)")
@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="embedder to measure, repeatable (default: hash-words-256; the full run adds minilm if installed)",
     )
+    bench.add_argument(
+        "--api-modes", help="--api: comma-separated modes (default: dag.test,local-4,local-8,celery-2)"
+    )
+    bench.add_argument(
+        "--api-set", action="append", metavar="SETTING=VALUE", default=[],
+        help="--api: a run setting for every mode, e.g. request_concurrency=1 (repeatable; to compare levers)",
+    )  # fmt: skip
     bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
     bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")
     bench.add_argument("--airflow-home", help="Airflow home (default: inside the work dir)")

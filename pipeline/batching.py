@@ -153,10 +153,20 @@ REQUEST_SECONDS = 0.5
 REQUESTS_PER_INSTANCE = math.ceil(TASK_INSTANCE_SECONDS / OVERHEAD_SHARE / REQUEST_SECONDS)  # 16
 # ... but never so few task instances that parallel slots idle: two per slot of the embedding pool's default.
 PARALLEL_INSTANCES = 2 * EMBED_POOL_DEFAULT_SLOTS  # 32
+# Against a provider's token budget the budget, not the slots, sets the pace (one task instance with several
+# requests in flight fills it), while every task instance pays a start-up (a new process under LocalExecutor
+# or Celery: parse the DAG, load the client; ~0.5-2 s here) during which it sends nothing. So a task instance
+# carries at least this many seconds of the budget: start-ups stay a few percent, and overlap one another.
+BUDGET_SECONDS_PER_INSTANCE = 10.0
 
 
 def auto_batch_size(
-    token_counts: Sequence[int], *, fan_out: int, request_tokens: int, request_inputs: int
+    token_counts: Sequence[int],
+    *,
+    fan_out: int,
+    request_tokens: int,
+    request_inputs: int,
+    tokens_per_second: float | None = None,
 ) -> int:
     """``--batch-size auto``: chunks per task instance from the request caps and the cost of a task instance.
 
@@ -164,8 +174,10 @@ def auto_batch_size(
     ``request_inputs``), the size is ``min(16 r, max(spread, r))``: 16 full requests of work per task instance
     (orchestration <= 5 %, see the constants above), but split further so that the run has at least 32 task
     instances over all models (``spread`` = chunks / ceil(32 / fan_out)) for parallel slots to have work,
-    though never below one full request (splitting less than a request's worth buys nothing). The plan may
-    still grow it to fit ``max_map_length`` (:func:`plan_within_map_length`).
+    though never below one full request (splitting less than a request's worth buys nothing). With a
+    provider's token budget (``tokens_per_second``, the slowest of the models'), a task instance also carries
+    at least :data:`BUDGET_SECONDS_PER_INSTANCE` seconds of it. The plan may still grow the size to fit
+    ``max_map_length`` (:func:`plan_within_map_length`).
     """
     n = len(token_counts)
     if n == 0:
@@ -173,7 +185,10 @@ def auto_batch_size(
     mean = max(1.0, float(np.sum(np.asarray(token_counts, dtype=np.int64))) / n)
     per_request = max(1, min(request_inputs, int(request_tokens // mean)))
     spread = math.ceil(n / math.ceil(PARALLEL_INSTANCES / max(1, fan_out)))
-    return max(1, min(REQUESTS_PER_INSTANCE * per_request, max(spread, per_request)))
+    size = min(REQUESTS_PER_INSTANCE * per_request, max(spread, per_request))
+    if tokens_per_second:
+        size = max(size, math.ceil(BUDGET_SECONDS_PER_INSTANCE * tokens_per_second / mean))
+    return max(1, size)
 
 
 def resolve_batch_size(
@@ -183,13 +198,13 @@ def resolve_batch_size(
     fan_out: int,
     request_tokens: int,
     request_inputs: int,
+    tokens_per_second: float | None = None,
 ) -> int:
     """``batch_size`` itself, or :func:`auto_batch_size` for ``"auto"``."""
     if batch_size != AUTO:
         return int(batch_size)
-    return auto_batch_size(
-        token_counts, fan_out=fan_out, request_tokens=request_tokens, request_inputs=request_inputs
-    )
+    return auto_batch_size(token_counts, fan_out=fan_out, request_tokens=request_tokens,
+                           request_inputs=request_inputs, tokens_per_second=tokens_per_second)  # fmt: skip
 
 
 def plan_for_mapping(
@@ -202,6 +217,7 @@ def plan_for_mapping(
     grow: bool = True,
     request_tokens: int = 8192,
     request_inputs: int = 2048,
+    tokens_per_second: float | None = None,
 ) -> list[dict[str, int]]:
     """What ``map_batches``' planning task returns: one dict per batch, each with ``of`` (the number of batches).
 
@@ -218,6 +234,7 @@ def plan_for_mapping(
             fan_out=fan_out,
             request_tokens=request_tokens,
             request_inputs=request_inputs,
+            tokens_per_second=tokens_per_second,
         ),
         max_tokens=max_tokens,
         fan_out=fan_out,
@@ -236,6 +253,7 @@ def map_batches(
     grow: bool | XComArg = True,
     request_tokens: int | XComArg = 8192,
     request_inputs: int | XComArg = 2048,
+    tokens_per_second: float | None | XComArg = None,
     plan_task_id: str = "plan_batches",
     **cross: Any,
 ) -> tuple[XComArg, XComArg]:
@@ -245,7 +263,8 @@ def map_batches(
     plan is computed at run time from the data. ``items`` resolves to a staged chunk set (see
     :mod:`pipeline.staging`); ``task`` receives ``batch=`` one planned batch dict. Keyword arguments in
     ``cross`` are expanded too, giving the cross product (e.g. ``model=models``). ``batch_size="auto"`` sizes
-    batches from the request caps ``request_tokens`` / ``request_inputs`` (:func:`auto_batch_size`). Returns
+    batches from the request caps ``request_tokens`` / ``request_inputs`` and a provider's token budget
+    ``tokens_per_second`` (:func:`auto_batch_size`). Returns
     ``(plan, results)``: the plan so that downstream tasks can reconcile results against it, and the mapped
     results.
     """
@@ -262,6 +281,7 @@ def map_batches(
         fan_out: list | None,
         request_tokens: int,
         request_inputs: int,
+        tokens_per_second: float | None,
     ) -> list[dict]:
         from pipeline.compat import fail_task, max_map_length
         from pipeline.staging import read_token_counts
@@ -276,9 +296,12 @@ def map_batches(
                 grow=grow,
                 request_tokens=request_tokens,
                 request_inputs=request_inputs,
+                tokens_per_second=tokens_per_second,
             )
         except PlanError as exc:  # the same data would fail again: no retries
             fail_task(str(exc))
 
-    batches = plan(items, batch_size, max_tokens, grow, fan_out, request_tokens, request_inputs)
+    batches = plan(
+        items, batch_size, max_tokens, grow, fan_out, request_tokens, request_inputs, tokens_per_second
+    )
     return batches, task.expand(batch=batches, **cross)

@@ -5,7 +5,10 @@ into requests of at most ``max_tokens`` tokens and ``max_inputs`` inputs, in ord
 ``max_tokens`` can never be sent; it is returned as oversize so that the caller records it by id. Each request
 goes through :func:`pipeline.resilience.embed_resiliently` (retries, poison bisection); with
 ``concurrency > 1`` up to that many requests are in flight at once (threads: the calls wait on the network),
-and the outcomes are reassembled in request order.
+and the outcomes are reassembled in request order. ``request_concurrency="auto"`` (the default) takes what the
+embedder says is worth having in flight (:func:`resolve_concurrency`): 1 for a model computed on this machine's
+CPU, several for a provider reached over the network, whose shared rate budget (not the thread count) keeps
+the requests inside its limits.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeline.resilience import Outcome
 
+AUTO = "auto"
 # (ids, texts) -> the Outcome of sending them as one request (with retries and bisection)
 SendRequest = Callable[[Sequence[str], Sequence[str]], Outcome]
 
@@ -46,6 +50,13 @@ def plan_requests(token_counts: Sequence[int], *, max_tokens: int, max_inputs: i
     if current:
         requests.append(current)
     return RequestPlan(requests, oversize)
+
+
+def resolve_concurrency(setting: int | str, embedder_concurrency: int, requests: int) -> int:
+    """Requests in flight at once: ``setting`` itself, or for ``"auto"`` the embedder's own bound; never more
+    than there are requests, never below 1."""
+    wanted = embedder_concurrency if setting == AUTO else int(setting)
+    return max(1, min(wanted, requests))
 
 
 def send_requests(

@@ -155,3 +155,23 @@ def _remove_empty(folders: Iterable[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def rate_tokens_per_second(models: Iterable[str]) -> float | None:
+    """The slowest token budget (tokens per second) in the API models' connections, or None if none has one
+    (a connection that cannot be read adds none: :func:`check` names that problem). Sizes ``batch_size``
+    auto (:func:`pipeline.batching.auto_batch_size`)."""
+    from pipeline.compat import get_connection
+    from pipeline.embedders.openai_compat import parse_model_name
+    from pipeline.embedders.ratelimit import Limits
+
+    budgets = []
+    for name in models:
+        if name.startswith(OPENAI_PREFIX):
+            try:
+                limits = Limits.from_extra(get_connection(parse_model_name(name)[1]).extra_dejson or {})
+            except Exception:  # noqa: BLE001 - missing connection, bad extra
+                continue
+            if limits.tokens_per_minute:
+                budgets.append(limits.tokens_per_minute / limits.rate_window_seconds)
+    return min(budgets) if budgets else None

@@ -18,7 +18,13 @@ class SettingsError(ValueError):
 
 GRANULARITIES = ("batch", "chunk")
 DERIVED = ("effective_batch_size", "batches_may_grow")
-AUTO = "auto"  # batch_size chosen by the planner (pipeline.batching.auto_batch_size)
+# Facts of the environment the DAG adds next to the settings (ignored by from_params, like DERIVED):
+# the slowest token budget of the API models, tokens per second (pipeline.batching.auto_batch_size).
+FOUND = ("rate_tokens_per_second",)
+# "auto": batch_size chosen by the planner (pipeline.batching.auto_batch_size), request_concurrency by the
+# embedder (pipeline.dispatch.resolve_concurrency)
+AUTO = "auto"
+AUTO_SETTINGS = ("batch_size", "request_concurrency")
 # Old names still accepted: a batch used to be one request, so its token cap was called max_batch_tokens.
 ALIASES = {"max_batch_tokens": "max_request_tokens"}
 
@@ -31,7 +37,8 @@ class Settings:
     batch_size: int | str = AUTO  # chunks per mapped task instance
     max_request_tokens: int = 8192  # tokens per provider request (a batch is sent as several requests)
     max_request_inputs: int = 2048  # inputs per provider request
-    request_concurrency: int = 1  # requests in flight at once inside one task instance
+    # requests in flight at once inside one task instance; auto: the embedder's (pipeline.dispatch)
+    request_concurrency: int | str = AUTO
     chunk_tokens: int = 200
     chunk_overlap: int = 20
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -63,7 +70,10 @@ class Settings:
         need(size_ok, "batch_size", "must be >= 1, or auto")
         need(self.max_request_tokens >= 1, "max_request_tokens", "must be >= 1")
         need(self.max_request_inputs >= 1, "max_request_inputs", "must be >= 1")
-        need(self.request_concurrency >= 1, "request_concurrency", "must be >= 1")
+        concurrency_ok = self.request_concurrency == AUTO or (
+            isinstance(self.request_concurrency, int) and self.request_concurrency >= 1
+        )
+        need(concurrency_ok, "request_concurrency", "must be >= 1, or auto")
         need(self.chunk_tokens >= 1, "chunk_tokens", "must be >= 1")
         need(0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and < chunk_tokens")
         need(self.max_document_bytes >= 1, "max_document_bytes", "must be >= 1")
@@ -105,7 +115,7 @@ class Settings:
     def from_params(cls, params: dict[str, Any]) -> Settings:
         """Settings from DAG params / CLI options; unknown keys and wrong types are errors, not ignored."""
         known = {f.name: f for f in fields(cls)}
-        params = {k: v for k, v in params.items() if k not in DERIVED}
+        params = {k: v for k, v in params.items() if k not in DERIVED and k not in FOUND}
         for alias, name in ALIASES.items():
             if params.get(alias) is not None:
                 if params.get(name) is not None and params[name] != params[alias]:
@@ -123,12 +133,12 @@ class Settings:
                 value = tuple(
                     v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()
                 )
-            elif name == "batch_size" and isinstance(value, str) and value.strip().lower() == AUTO:
+            elif name in AUTO_SETTINGS and isinstance(value, str) and value.strip().lower() == AUTO:
                 value = AUTO
             elif name in ("fail_rate", "transient_rate", "backoff_seconds", "max_failed_share"):
                 value = _convert(name, value, float)
             elif known[name].type in ("int", int, "int | str"):
-                value = _convert(name, value, int, "an integer or auto" if name == "batch_size" else "")
+                value = _convert(name, value, int, "an integer or auto" if name in AUTO_SETTINGS else "")
             values[name] = value
         return cls(**values)
 

@@ -141,7 +141,9 @@ def embed_batch(
             [c.text for c in chunks],
             requests.requests,
             lambda ids, texts: embed_resiliently(ids, texts, call, backoff=backoff),
-            concurrency=settings.request_concurrency,
+            concurrency=dispatch.resolve_concurrency(
+                settings.request_concurrency, embedder.concurrency, len(requests.requests)
+            ),
         )
     except EmbeddingConfigError as exc:  # the provider refused credentials/model mid-run (401/403/404)
         raise _configuration_failed(directory, model, exc, settings.object_storage_conn_id) from None

@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.batching import (
+    BUDGET_SECONDS_PER_INSTANCE,
     OVERHEAD_SHARE,
     PARALLEL_INSTANCES,
     REQUEST_SECONDS,
@@ -324,6 +325,27 @@ def test_auto_batch_sizes_of_known_corpora(
     counts = np.full(chunks, mean_tokens)
     plan, resolved = default_plan(counts, models)
     assert (resolved, len(plan) * models) == (size, instances)
+
+
+@given(
+    corpora_token_counts(max_chunks=200_000),
+    st.integers(1, 3),
+    st.integers(1, 20_000),
+    st.integers(1, 4096),
+    st.floats(1.0, 1e6),
+)
+@example(np.full(982, 80, dtype=np.int64), 1, 1150, 2048, 2000.0).via("bench --api --quick: 120,000 TPM")
+def test_against_a_token_budget_auto_gives_each_task_instance_seconds_of_it(
+    counts: np.ndarray, models: int, request_tokens: int, request_inputs: int, tokens_per_second: float
+) -> None:
+    """With a provider's token budget, a task instance carries >= BUDGET_SECONDS_PER_INSTANCE seconds of it (its
+    start-up stays a few percent); never smaller than the rule without a budget gives."""
+    caps = dict(fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs)
+    size = auto_batch_size(counts, **caps, tokens_per_second=tokens_per_second)
+    assert size >= auto_batch_size(counts, **caps)
+    if len(counts):
+        mean = max(1.0, float(counts.sum()) / len(counts))
+        assert size * mean >= BUDGET_SECONDS_PER_INSTANCE * tokens_per_second
 
 
 def test_an_explicit_batch_size_is_used_as_given() -> None:

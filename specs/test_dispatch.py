@@ -6,13 +6,16 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.dispatch import RequestPlan, plan_requests, send_requests
+from pipeline.dispatch import AUTO, RequestPlan, plan_requests, resolve_concurrency, send_requests
 from pipeline.embedders import EmbeddingConfigError
+from pipeline.embedders.openai_compat import MAX_IN_FLIGHT
+from pipeline.emulator import Emulator, EmulatorConfig
 from pipeline.faults import FaultPlan, FaultyCall
 from pipeline.resilience import Backoff, Outcome, embed_resiliently
 from specs.strategies import chunk_ids, token_count_lists, unit_vectors
@@ -163,3 +166,49 @@ def test_concurrency_below_one_is_refused() -> None:
     """concurrency 0 would send nothing: a ValueError naming it."""
     with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
         send_requests([], [], [], lambda i, t: Outcome(), concurrency=0)
+
+
+@given(st.one_of(st.just(AUTO), st.integers(1, 64)), st.integers(1, 16), st.integers(0, 100))
+def test_requests_in_flight_are_the_setting_or_the_embedders_own_bound_never_more_than_the_requests(
+    setting: int | str, embedder_bound: int, requests: int
+) -> None:
+    """auto takes the embedder's bound (1 for a local model, several for an API); a number is used as given;
+    either way never more threads than requests, and at least one."""
+    n = resolve_concurrency(setting, embedder_bound, requests)
+    wanted = embedder_bound if setting == AUTO else setting
+    assert 1 <= n <= max(1, requests) and n <= wanted
+    if requests >= wanted:
+        assert n == wanted
+
+
+def most_in_flight(records: Sequence[Any]) -> int:
+    """Most accepted requests held at the provider at one instant (arrival to answer)."""
+    events = sorted([(r.t, 1) for r in records if r.status == 200] + [(r.t + r.latency, -1) for r in records
+                                                                      if r.status == 200])  # fmt: skip
+    best = running = 0
+    for _, step in events:
+        running += step
+        best = max(best, running)
+    return best
+
+
+@pytest.mark.airflow
+@pytest.mark.parametrize(("setting", "expected"), [("auto", MAX_IN_FLIGHT), (1, 1)])
+def test_an_api_model_keeps_several_requests_in_flight_per_task_instance_by_default(
+    run_dag, monkeypatch, setting: int | str, expected: int
+) -> None:
+    """Through the real DAG, request_concurrency auto keeps MAX_IN_FLIGHT requests of one task instance at the
+    provider at once (latency hidden), 1 keeps one; every chunk is embedded either way."""
+    import json
+
+    corpus = {f"d{i}.txt": f"document {i} " + "word " * 30 for i in range(24)}
+    with Emulator(EmulatorConfig(api_key="sk-k", dim=8, latency_seconds=0.3)) as server:
+        conn = {"conn_type": "http", "host": server.base_url, "password": "sk-k",
+                "extra": {"dimensions": 8, "max_inputs_per_request": 1}}  # fmt: skip
+        monkeypatch.setenv("AIRFLOW_CONN_INFLIGHT", json.dumps(conn))
+        report = run_dag(corpus, models=["openai:m@inflight"], batch_size=24, max_request_inputs=1,
+                         request_concurrency=setting)  # fmt: skip
+        records = list(server.records)
+    assert report["embeddings"]["succeeded"] == report["embeddings"]["expected"] == 24
+    assert report["mapped_task_instances"] == 1
+    assert most_in_flight(records) == expected

@@ -21,7 +21,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "batch_size": [0, -3, "abc", 1.5, True, "2.5", float("nan"), float("inf"), "automatic"],
     "max_request_tokens": [0, "many"],
     "max_request_inputs": [0, -1, "all"],
-    "request_concurrency": [0, 1.5],
+    "request_concurrency": [0, 1.5, "several", True],
     "chunk_tokens": [0, -1, 2.5],
     "chunk_overlap": [-1, 200, 10**6],
     "extensions": ["", " , "],
@@ -77,7 +77,7 @@ def valid_params(draw: st.DrawFn) -> dict[str, Any]:
         ),
         "max_request_tokens": draw(st.integers(1, 10**5)),
         "max_request_inputs": draw(st.integers(1, 4096)),
-        "request_concurrency": draw(st.integers(1, 64)),
+        "request_concurrency": draw(st.sampled_from([draw(st.integers(1, 64)), "auto", " Auto "])),
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": draw(st.integers(0, chunk_tokens - 1)),
         "extensions": draw(st.sampled_from([[".txt"], ".txt,.md", [".md", ".rst"]])),
@@ -136,7 +136,7 @@ FIXES: dict[str, tuple[Any, str]] = {
     "batch_size": (0, "must be >= 1, or auto"),
     "max_request_tokens": (0, "must be >= 1"),
     "max_request_inputs": (0, "must be >= 1"),
-    "request_concurrency": (0, "must be >= 1"),
+    "request_concurrency": (0, "must be >= 1, or auto"),
     "chunk_tokens": (0, "must be >= 1"),
     "chunk_overlap": (200, "must be >= 0 and < chunk_tokens"),
     "max_document_bytes": (0, "must be >= 1"),
@@ -253,6 +253,17 @@ def test_batch_size_auto_is_the_default_and_is_accepted_in_any_case() -> None:
     assert Settings("c").batch_size == "auto"
     assert Settings.from_params({"corpus_dir": "c", "batch_size": " Auto "}).batch_size == "auto"
     assert Settings("c", granularity="chunk").effective_batch_size == 1
+
+
+def test_request_concurrency_auto_is_the_default_and_environment_facts_next_to_settings_are_ignored() -> None:
+    """request_concurrency defaults to auto (the embedder says how many requests in flight pay off); the facts
+    the DAG adds next to the settings (the API models' token budget) are not settings and are not refused."""
+    assert Settings("c").request_concurrency == "auto"
+    assert (
+        Settings.from_params({"corpus_dir": "c", "request_concurrency": "AUTO"}).request_concurrency == "auto"
+    )
+    found = Settings("c").as_dict() | {"rate_tokens_per_second": 2000.0}
+    assert Settings.from_params(found) == Settings("c")
 
 
 def test_max_batch_tokens_is_still_accepted_as_the_old_name_of_max_request_tokens() -> None:

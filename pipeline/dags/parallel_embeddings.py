@@ -37,8 +37,9 @@ PARAMS = {
                         description="Chunks per mapped task instance at most, or auto (from the request caps)"),
     "max_request_tokens": Param(8192, type="integer", minimum=1, description="Tokens per provider request at most"),
     "max_request_inputs": Param(2048, type="integer", minimum=1, description="Inputs per provider request at most"),
-    "request_concurrency": Param(1, type="integer", minimum=1,
-                                 description="Requests in flight at once per task instance (API models: more)"),
+    "request_concurrency": Param("auto", type=["integer", "string"], minimum=1, pattern="^auto$",
+                                 description="Requests in flight at once per task instance, or auto (API models: "
+                                 "several, local models: 1)"),
     "chunk_tokens": Param(200, type="integer", minimum=1, description="Tokens per chunk at most"),
     "chunk_overlap": Param(20, type="integer", minimum=0, description="Tokens repeated between chunks"),
     "max_document_bytes": Param(
@@ -108,14 +109,15 @@ def parallel_embeddings():
     @task(multiple_outputs=True)
     def resolve_settings(params: dict | None = None) -> dict:
         """Validate params and check the environment (models, connections, paths) before any work."""
-        from pipeline.preflight import PreflightError, check
+        from pipeline.preflight import PreflightError, check, rate_tokens_per_second
 
         settings = _settings({k: v for k, v in (params or {}).items() if k in PARAMS or k in ALIASES})
         try:
             check(settings)
         except PreflightError as exc:
             fail_task(str(exc))
-        return settings.as_dict()
+        # The API models' token budget sizes batch_size auto (a task instance carries seconds of it).
+        return settings.as_dict() | {"rate_tokens_per_second": rate_tokens_per_second(settings.models)}
 
     @task
     def list_models(settings: dict) -> list[str]:
@@ -220,6 +222,7 @@ def parallel_embeddings():
         grow=settings["batches_may_grow"],
         request_tokens=settings["max_request_tokens"],
         request_inputs=settings["max_request_inputs"],
+        tokens_per_second=settings["rate_tokens_per_second"],
         model=models,
     )
     summary = aggregate_results(settings, chunk_set, plan, models, results)

@@ -39,6 +39,9 @@ class Embedder:
     name: str
     dim: int
     encode: Callable[[Sequence[str]], np.ndarray] = field(repr=False)
+    # Requests worth having in flight at once (request_concurrency "auto"): 1 for a model on this machine's
+    # CPU (threads would only contend), more for a provider whose answers are waited for on the network.
+    concurrency: int = 1
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if any(not t for t in texts):

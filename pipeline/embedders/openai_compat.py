@@ -59,6 +59,11 @@ __all__ = ["Limits", "OpenAIEmbeddingClient", "parse_duration", "parse_retry_aft
 
 DEFAULT_CONN_ID = "embedding_api"
 PREFIX = "openai:"
+# Requests in flight at once per task instance under request_concurrency "auto": enough to hide a provider's
+# latency (a request waits ~0.2-1 s on the network) and fill its rate budget from one process; the shared
+# budget, not this number, keeps them inside the limits. Bounded so that a provider without limits is not
+# flooded by (task instances x this) connections.
+MAX_IN_FLIGHT = 8
 
 
 def _redact(url: str) -> str:
@@ -328,8 +333,16 @@ class OpenAIEmbeddingClient:
         assert self.dim is not None
         return self.dim
 
+    def in_flight(self) -> int:
+        """Requests worth having in flight at once: :data:`MAX_IN_FLIGHT`, or fewer when the request budget
+        of one rate window is smaller (more would only wait for the budget)."""
+        budget = self.limits.requests_per_minute
+        return max(1, min(MAX_IN_FLIGHT, budget or MAX_IN_FLIGHT))
+
     def embedder(self, name: str | None = None) -> Embedder:
-        return Embedder(name or f"{PREFIX}{self.model}", self.probe_dimensions(), self.encode)
+        return Embedder(
+            name or f"{PREFIX}{self.model}", self.probe_dimensions(), self.encode, self.in_flight()
+        )
 
     def close(self) -> None:
         if self._sdk is not None:
