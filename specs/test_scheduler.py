@@ -116,3 +116,29 @@ def test_local_executor_runs_mapped_instances_in_parallel_within_the_pool(airflo
         None,
     )
     assert sum(t["workers"].values()) == report["mapped_task_instances"]  # one try each, on this machine
+
+
+def test_only_processes_that_fork_task_processes_preload_and_a_missing_module_is_skipped(monkeypatch):
+    """The scheduler (LocalExecutor) and Celery workers import the heavy modules before forking task processes;
+    api-server, dag-processor and CLI commands do not; PIPELINE_PRELOAD=0 turns it off."""
+    from pipeline.launchers.preload import preload
+
+    modules = ("json", "no_such_module_here")
+    assert preload(["airflow", "scheduler"], modules) == ["json"]
+    assert preload(["airflow", "celery", "worker"], modules) == ["json"]
+    for command in (["airflow", "dag-processor"], ["airflow", "api-server"], ["pipeline", "bench"]):
+        assert preload(command, modules) == []
+    monkeypatch.setenv("PIPELINE_PRELOAD", "0")
+    assert preload(["airflow", "scheduler"], modules) == []
+
+
+def test_the_preload_settings_file_never_replaces_a_homes_own_airflow_local_settings(tmp_path):
+    """The launcher writes $AIRFLOW_HOME/config/airflow_local_settings.py, rewrites its own, and leaves a
+    file it did not write untouched."""
+    from pipeline.launchers.preload import CONTENT, install
+
+    path = tmp_path / "config" / "airflow_local_settings.py"
+    assert install(tmp_path) and path.read_text() == CONTENT
+    assert install(tmp_path)
+    path.write_text("# the user's own settings\n")
+    assert not install(tmp_path) and path.read_text() == "# the user's own settings\n"

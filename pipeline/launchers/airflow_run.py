@@ -82,8 +82,12 @@ def start_api_server(procs: Processes, env: dict[str, str], port: int, apps: str
 def start_core(procs: Processes, env: dict[str, str], api_port: int | None, ui: bool = False) -> str:
     """Start api-server + dag-processor (Airflow 3) and the scheduler; return what was started, for the console.
 
-    Airflow 2's scheduler parses the DAGs itself and its task processes reach the DB directly.
+    Airflow 2's scheduler parses the DAGs itself and its task processes reach the DB directly. The scheduler
+    and Celery workers pre-import the heavy modules their forked task processes use (:mod:`.preload`).
     """
+    from pipeline.launchers.preload import install
+
+    install(env["AIRFLOW_HOME"])
     if api_port is not None:
         start_api_server(procs, env, api_port, apps="all" if ui else "execution")
         procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
