@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.dispatch import AUTO, RequestPlan, plan_requests, resolve_concurrency, send_requests
 from pipeline.embedders import EmbeddingConfigError
-from pipeline.embedders.openai_compat import MAX_IN_FLIGHT
+from pipeline.embedders.ratelimit import MAX_IN_FLIGHT
 from pipeline.emulator import Emulator, EmulatorConfig
 from pipeline.faults import FaultPlan, FaultyCall
 from pipeline.resilience import Backoff, Outcome, embed_resiliently

@@ -185,3 +185,24 @@ def test_limits_of_the_connection_reject_nonsense():
         Limits.from_extra({"requests_per_minute": 0})
     with pytest.raises(ValueError, match="rate_window_seconds"):
         Limits.from_extra({"rate_window_seconds": -1})
+
+
+def test_the_first_request_goes_alone_then_the_rest_overlap(tmp_path):
+    """Until the provider's usage has calibrated the budget's charge (the estimate x margin before), a client
+    sends one request; once it is answered, requests overlap (here 4 threads, 8 one-input requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.embedders.openai_compat import OpenAIEmbeddingClient
+
+    with Emulator(EmulatorConfig(api_key=KEY, dim=8, latency_seconds=0.3)) as server:
+        limits = Limits(tokens_per_minute=100_000, rate_window_seconds=6.0)
+        client = OpenAIEmbeddingClient(server.base_url, KEY, "m", dimensions=8, limits=limits,
+                                       rate_limit_dir=str(tmp_path))  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: client.encode([f"text {i}"]), range(8)))
+        client.close()
+        records = sorted(server.records, key=lambda r: r.t)
+    first, rest = records[0], records[1:]
+    assert len(records) == 8 and all(r.status == 200 for r in records)
+    assert min(r.t for r in rest) >= first.t + first.latency  # nothing else was sent before the first answer
+    assert any(b.t < a.t + a.latency for a, b in zip(rest, rest[1:], strict=False))  # then overlap

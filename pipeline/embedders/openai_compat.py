@@ -53,17 +53,20 @@ from pipeline.embedders.base import (
     InputRejectedError,
     TransientEmbeddingError,
 )
-from pipeline.embedders.ratelimit import HeaderPacer, Limits, RateBudget, parse_duration, parse_retry_after
+from pipeline.embedders.ratelimit import (
+    FirstAlone,
+    HeaderPacer,
+    Limits,
+    RateBudget,
+    parse_duration,
+    parse_retry_after,
+    requests_in_flight,
+)
 
 __all__ = ["Limits", "OpenAIEmbeddingClient", "parse_duration", "parse_retry_after", "EmbeddingConfigError"]
 
 DEFAULT_CONN_ID = "embedding_api"
 PREFIX = "openai:"
-# Requests in flight at once per task instance under request_concurrency "auto": enough to hide a provider's
-# latency (a request waits ~0.2-1 s on the network) and fill its rate budget from one process; the shared
-# budget, not this number, keeps them inside the limits. Bounded so that a provider without limits is not
-# flooded by (task instances x this) connections.
-MAX_IN_FLIGHT = 8
 
 
 def _redact(url: str) -> str:
@@ -120,6 +123,7 @@ class OpenAIEmbeddingClient:
         self.pacer = HeaderPacer()
         self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0, "counted_tokens": 0}
         self._lock = threading.Lock()  # stats and carry: encode may run in several threads at once
+        self._calibrating = FirstAlone()  # the budget charges the margin until the provider's usage is known
         # Requests already answered of batches that met a transient error, by batch: the retry sends the rest.
         self._carry: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
 
@@ -236,7 +240,7 @@ class OpenAIEmbeddingClient:
             self._carry[key] = done
         for n, (start, stop, tokens) in enumerate(plan):
             if n not in done:
-                done[n] = self._post(texts[start:stop], tokens)
+                done[n] = self._calibrating(self._post, texts[start:stop], tokens)
         with self._lock:
             self._carry.pop(key, None)
         if not plan:
@@ -333,15 +337,12 @@ class OpenAIEmbeddingClient:
         assert self.dim is not None
         return self.dim
 
-    def in_flight(self) -> int:
-        """Requests worth having in flight at once: :data:`MAX_IN_FLIGHT`, or fewer when the request budget
-        of one rate window is smaller (more would only wait for the budget)."""
-        budget = self.limits.requests_per_minute
-        return max(1, min(MAX_IN_FLIGHT, budget or MAX_IN_FLIGHT))
-
     def embedder(self, name: str | None = None) -> Embedder:
         return Embedder(
-            name or f"{PREFIX}{self.model}", self.probe_dimensions(), self.encode, self.in_flight()
+            name or f"{PREFIX}{self.model}",
+            self.probe_dimensions(),
+            self.encode,
+            requests_in_flight(self.limits),
         )
 
     def close(self) -> None:
