@@ -2,14 +2,20 @@
 
 ``python -m pipeline bench --api [--quick] [--json FILE]`` embeds a corpus through the real DAG with the model
 ``openai:…`` against the emulated provider (:mod:`pipeline.emulator`, a separate process on 127.0.0.1, one per
-run so every run starts with full buckets), once per execution mode: ``dag.test`` and LocalExecutor with 4 and
-8 slots (Airflow 3). Per mode, from the metadata DB (the embed phase: first ``embed_batch`` start to last end)
+run so every run starts with full buckets), once per execution mode: ``dag.test``, LocalExecutor with 4 and
+8 slots (Airflow 3) and CeleryExecutor with 2 workers of 2 slots (PostgreSQL + Redis, in a child process:
+the metadata DB must be chosen before Airflow is imported). Per mode, from the metadata DB (the embed phase: first ``embed_batch`` start to last end)
 and the emulator's request log:
 
 * ``fraction_of_tpm_limit``: tokens the provider accepted per minute of embed phase, over its TPM limit;
 * ``rate_limited_share``: requests answered 429, over all requests; ``lost``: chunk × model pairs not embedded;
-* ``latency_bound_speedup``: embed phase of ``dag.test`` over the best parallel mode when latency dominates
-  (1 s per request, limits far away), i.e. what overlapping requests buys.
+* ``latency_bound_speedup``: when latency dominates (1 s per request, no limits), the embed phase of the
+  serial baseline (``dag.test``, one request at a time: ``request_concurrency=1``) over the best parallel mode
+  (the product's defaults: ``request_concurrency=auto``, under ``dag.test`` and LocalExecutor).
+
+The full configuration (no ``--quick``) runs 3,000 RPM / 1,000,000 TPM over the sample corpus replicated
+``copies`` times with distinct text per copy (:func:`pipeline.sample_corpus.replicate_corpus`), so that the
+embed phase at the limit lasts over a minute.
 
 The client's budget is the connection's ``requests_per_minute`` / ``tokens_per_minute`` over a short window
 (``window`` seconds: the burst a bucket allows is limit × window / 60, so a window short against the phase
@@ -26,7 +32,6 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +42,9 @@ MODEL = "openai:text-embedding-3-small"
 @dataclass(frozen=True)
 class ApiScale:
     documents: int
+    copies: int  # the corpus: the first `documents` sample documents, replicated this many times
     chunk_tokens: int
-    batch_size: int
+    batch_size: int | str
     rpm: int
     tpm: int
     window: float
@@ -46,10 +52,17 @@ class ApiScale:
     latency_batch: int
 
 
-QUICK = ApiScale(documents=120, chunk_tokens=100, batch_size=128, rpm=600, tpm=120_000, window=6.0,
+QUICK = ApiScale(documents=120, copies=1, chunk_tokens=100, batch_size="auto", rpm=600, tpm=120_000, window=6.0,
                  latency_documents=12, latency_batch=16)  # fmt: skip
-FULL = ApiScale(documents=300, chunk_tokens=40, batch_size=512, rpm=3000, tpm=1_000_000, window=3.0,
-                latency_documents=24, latency_batch=16)  # fmt: skip
+FULL = ApiScale(documents=300, copies=6, chunk_tokens=100, batch_size="auto", rpm=3000, tpm=1_000_000,
+                window=3.0, latency_documents=24, latency_batch=16)  # fmt: skip
+MODES = ("dag.test", "local-4", "local-8", "celery-2")
+CELERY_CHILD = """
+import json, sys
+from pipeline.launchers import launch
+home, conf, workers = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+launch("celery", home, conf, workers=workers, timeout=1800)  # the report is in conf["report_path"]
+"""
 LATENCY = (0.2, 2e-5)  # emulator latency: base seconds + seconds per token (an assumption, see emulator)
 
 
@@ -61,17 +74,30 @@ def launch(mode: str, conf: dict[str, Any]) -> dict[str, Any]:
 
         steps._embedder.cache_clear()  # dag.test runs tasks in this process: no client of an earlier emulator
         return run_dag(conf)
+    kind, n = mode.split("-")
+    if kind == "celery":  # PostgreSQL + Redis: chosen before Airflow is imported, so in a fresh process
+        home = Path(os.environ["AIRFLOW_HOME"]).parent / "celery-home"
+        env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+        subprocess.run([sys.executable, "-c", CELERY_CHILD, str(home), json.dumps(conf), n], env=env,
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        return json.loads(Path(conf["report_path"]).read_text())
     from pipeline.launchers import launch as launch_executor
 
     home = os.environ["AIRFLOW_HOME"]  # the bench's home, chosen before Airflow was imported
-    return launch_executor("local", home, conf, parallelism=int(mode.split("-")[1]), timeout=1800)
+    return launch_executor("local", home, conf, parallelism=int(n), timeout=1800)
 
 
-def parallel_modes() -> list[str]:
-    """LocalExecutor modes this Airflow runs (Airflow 2's LocalExecutor refuses SQLite)."""
+def available_modes(wanted: str | None) -> list[str]:
+    """The modes asked for (all by default) that this Airflow runs (Airflow 2's LocalExecutor refuses
+    SQLite: its local modes need the launcher's PostgreSQL, which this bench does not start)."""
     from pipeline.compat import AIRFLOW_VERSION
 
-    return ["local-4", "local-8"] if int(AIRFLOW_VERSION.split(".")[0]) >= 3 else []
+    modes = [m.strip() for m in (wanted or ",".join(MODES)).split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"--api-modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    airflow_2 = int(AIRFLOW_VERSION.split(".")[0]) < 3
+    return [m for m in modes if not (airflow_2 and m.startswith("local-"))]
 
 
 class EmulatorProcess:
@@ -106,19 +132,6 @@ def connection(base_url: str, scale: ApiScale | None, rate_dir: Path, **extra: A
     return json.dumps({"conn_type": "http", "host": base_url, "password": API_KEY, "extra": extra})
 
 
-def embed_phase(run_id: str) -> float:
-    """Seconds from the first embed_batch task instance's start to the last one's end (metadata DB)."""
-    from pipeline.runner import EMBED_TASK, task_instances
-
-    def moment(value: Any) -> datetime:
-        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-
-    tis = [t for t in task_instances(run_id, EMBED_TASK) if t["start_date"] and t["end_date"]]
-    return (
-        max(moment(t["end_date"]) for t in tis) - min(moment(t["start_date"]) for t in tis)
-    ).total_seconds()
-
-
 def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str], scale: ApiScale | None,
             **extra: Any) -> dict[str, Any]:  # fmt: skip
     """One run of ``mode`` against a fresh emulator: the figures of the issue, plus what explains them."""
@@ -133,7 +146,10 @@ def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str
         log = emulator.log()["records"]
     finally:
         emulator.stop()
-    seconds = embed_phase(report["dag_run"]["run_id"])
+    phase = report["embed_phase"]
+    seconds = phase["seconds"]
+    to_monotonic = time.monotonic() - time.time()  # the emulator stamps arrivals with time.monotonic()
+    start = phase["start"] + to_monotonic
     accepted = [r for r in log if r["status"] == 200]
     tokens = sum(r["tokens"] for r in accepted)
     e = report["embeddings"]
@@ -148,10 +164,16 @@ def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str
         "accepted_tokens": tokens,
         "task_instances": report["mapped_task_instances"],
         "failed": e["failed"],
+        "request_concurrency": conf.get("request_concurrency", "auto"),
+        "chunks_per_instance": max(report["batches"]["sizes"] or [0]),
+        # from the first embed task instance's start to the provider's first request: start-up
+        "first_request_after_seconds": round(min(r["t"] for r in log) - start, 2) if log else None,
     }
     if accepted:  # the provider's view: first accepted arrival to last accepted answer
         span = max(r["t"] + r["latency"] for r in accepted) - min(r["t"] for r in accepted)
         row["provider_span_seconds"] = round(span, 2)
+        # from the provider's last answer to the last embed task instance's end: wrapping up (staging, XCom)
+        row["tail_seconds"] = round(start + seconds - max(r["t"] + r["latency"] for r in accepted), 2)
         if scale:  # the same fraction without the task instances' start-up before the first request
             row["provider_fraction_of_tpm_limit"] = round(tokens / span * 60 / scale.tpm, 3)
     return row
@@ -195,10 +217,11 @@ def client_alone(processes: int, scale: ApiScale, work: Path, tokens: int = 80_0
             "provider_span_seconds": round(span, 2)}  # fmt: skip
 
 
-def run_api_bench(*, quick: bool, work: Path, corpus_dir: str | None) -> dict[str, Any]:
+def run_api_bench(*, quick: bool, work: Path, corpus_dir: str | None, modes: list[str],
+                  overrides: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     from pipeline.bench import subset
     from pipeline.compat import AIRFLOW_VERSION
-    from pipeline.sample_corpus import write_sample_corpus
+    from pipeline.sample_corpus import replicate_corpus, write_sample_corpus
     from pipeline.settings import Settings
 
     scale = QUICK if quick else FULL
@@ -207,42 +230,48 @@ def run_api_bench(*, quick: bool, work: Path, corpus_dir: str | None) -> dict[st
         write_sample_corpus(corpus_dir, limit=scale.documents)
     main_dir = subset(corpus_dir, scale.documents, work / "corpus-main")
     small_dir = subset(corpus_dir, scale.latency_documents, work / "corpus-latency")
+    if scale.copies > 1:
+        replicate_corpus(main_dir, work / "corpus-copies", scale.copies)
+        main_dir = str(work / "corpus-copies")
+    burst = int(scale.tpm * scale.window / 60)  # tokens a full bucket lets through at once
+    # Requests of at most 1/8 of a window's tokens: a sliding window packs big requests badly (two requests
+    # of 0.6 of the window never fit together), and real limits are many requests wide. The run's own
+    # request cap is in counted tokens, the client's in estimated ones (x 1.25 margin): one request each.
+    cap = burst // 8
     base = Settings(corpus_dir=main_dir, models=(MODEL,), chunk_tokens=scale.chunk_tokens, chunk_overlap=0,
-                    batch_size=scale.batch_size, max_batch_tokens=300_000,
+                    batch_size=scale.batch_size, max_request_tokens=int(cap / 1.3),
                     work_dir=str(work / "runs")).as_dict()  # fmt: skip
+    base = Settings.from_params(base | overrides).as_dict()  # --api-set: e.g. request_concurrency=1
     limited = ["--rpm", str(scale.rpm), "--tpm", str(scale.tpm), "--window", str(scale.window),
                "--latency", str(LATENCY[0]), "--latency-per-token", str(LATENCY[1])]  # fmt: skip
-    burst = int(scale.tpm * scale.window / 60)  # tokens a full bucket lets through at once
-    modes = []
-    for mode in ["dag.test", *parallel_modes()]:
-        print(
-            f"bench --api: {mode} against {scale.tpm:,} TPM / {scale.rpm:,} RPM ...",
-            file=sys.stderr,
-            flush=True,
-        )
-        # Requests of at most 1/8 of a window's tokens: a sliding window packs big requests badly (two
-        # requests of 0.6 of the window never fit together), and real limits are many requests wide.
-        modes.append(measure(mode, base, work, limited, scale, max_tokens_per_request=burst // 8))
-        print(f"  {modes[-1]}", file=sys.stderr, flush=True)
-    best = max(modes, key=lambda m: m["fraction_of_tpm_limit"])
-    alone = [client_alone(p, scale, work) for p in (1, 4)]
+    rows = []
+    for mode in modes:
+        say(f"bench --api: {mode} against {scale.tpm:,} TPM / {scale.rpm:,} RPM ...")
+        rows.append(measure(mode, base, work, limited, scale, max_tokens_per_request=cap))
+        say(f"  {rows[-1]}")
+    best = max(rows, key=lambda m: m["fraction_of_tpm_limit"])
+    alone = [client_alone(p, scale, work) for p in (1, 4)] if quick else [client_alone(4, scale, work)]
     # Latency-bound: 1 s per request, no limits; 2 inputs per request, so a task instance of 16 chunks waits
-    # 8 x 1 s on the provider: what overlapping task instances (or requests) can hide.
-    latency_conf = base | {"corpus_dir": small_dir, "batch_size": scale.latency_batch}
+    # 8 x 1 s on the provider when its requests go one at a time (the serial baseline): what overlapping
+    # requests (in a task instance, and across task instances) hides.
+    latency_conf = base | {"corpus_dir": small_dir, "batch_size": scale.latency_batch, "max_request_tokens": 8192,
+                           "max_request_inputs": 2}  # fmt: skip
     slow = ["--latency", "1.0", "--latency-per-token", "0"]
-    latency_modes = []
-    for mode in ["dag.test", *parallel_modes()[-1:]]:
-        print(f"bench --api: {mode}, latency-bound (1 s per request)...", file=sys.stderr, flush=True)
-        latency_modes.append(measure(mode, latency_conf, work, slow, None, max_inputs_per_request=2))
-        print(f"  {latency_modes[-1]}", file=sys.stderr, flush=True)
-    serial = latency_modes[0]["embed_seconds"]
-    speedup = (
-        round(serial / min(m["embed_seconds"] for m in latency_modes[1:]), 2) if latency_modes[1:] else None
-    )
+    latency_runs = [("serial", "dag.test", {"request_concurrency": 1})]
+    latency_runs += [("parallel", m, {}) for m in ("dag.test", "local-8") if m in modes or m == "dag.test"]
+    latency_rows = []
+    for kind, mode, conf in latency_runs:
+        say(f"bench --api: {mode}, latency-bound (1 s per request), {kind} ...")
+        row = measure(mode, latency_conf | conf, work, slow, None, max_inputs_per_request=2)
+        latency_rows.append(row | {"kind": kind})
+        say(f"  {latency_rows[-1]}")
+    serial = latency_rows[0]["embed_seconds"]
+    fastest = min((r for r in latency_rows if r["kind"] == "parallel"), key=lambda r: r["embed_seconds"])
     return {
         "airflow_version": AIRFLOW_VERSION,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
+        "load_average_end": os.getloadavg(),
         "quick": quick,
         "api": {
             "tpm_limit": scale.tpm,
@@ -250,14 +279,27 @@ def run_api_bench(*, quick: bool, work: Path, corpus_dir: str | None) -> dict[st
             "window_seconds": scale.window,
             "burst_tokens": burst,  # a run may exceed the limit's rate by at most burst / tokens (the start)
             "latency": {"base_seconds": LATENCY[0], "per_token_seconds": LATENCY[1]},
-            "settings": {"chunk_tokens": scale.chunk_tokens, "batch_size": scale.batch_size, "model": MODEL},
-            "modes": modes,
+            "corpus": {"documents": scale.documents, "copies": scale.copies},
+            "settings": {
+                k: base[k]
+                for k in ("chunk_tokens", "batch_size", "max_request_tokens", "request_concurrency")
+            }
+            | {"model": MODEL},  # fmt: skip
+            "modes": rows,
             "best": {k: best[k] for k in ("mode", "fraction_of_tpm_limit", "rate_limited_share")},
-            "latency_bound_speedup": speedup,
+            "latency_bound_speedup": round(serial / fastest["embed_seconds"], 2),
+            "latency_bound": {
+                "serial": latency_rows[0],
+                "parallel": latency_rows[1:],
+                "best": fastest["mode"],
+            },
             "client_alone": alone,
-            "latency_bound_modes": latency_modes,
         },
     }
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -269,10 +311,14 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{m['mode']:<10} {m['fraction_of_tpm_limit']:>7.3f} {m['rate_limited_share']:>9.4f} "
                      f"{m['lost']:>5} {m['embed_seconds']:>8.1f} {m['requests']:>8} {m['accepted_tokens']:>8} "
                      f"{m['task_instances']:>4}")  # fmt: skip
-    for m in api["latency_bound_modes"]:
-        lines.append(f"latency-bound (1 s/request) {m['mode']}: embed {m['embed_seconds']:.1f} s, "
-                     f"{m['requests']} requests, lost {m['lost']}")  # fmt: skip
-    lines.append(f"latency-bound speedup, parallel vs dag.test: {api['latency_bound_speedup']}")
+    bound = api["latency_bound"]
+    for m in [bound["serial"], *bound["parallel"]]:
+        lines.append(f"latency-bound (1 s/request), {m['kind']}: {m['mode']} request_concurrency="
+                     f"{m['request_concurrency']}: embed {m['embed_seconds']:.1f} s, {m['requests']} requests, "
+                     f"lost {m['lost']}")  # fmt: skip
+    lines.append(
+        f"latency-bound speedup, best parallel ({bound['best']}) vs serial: {api['latency_bound_speedup']}"
+    )
     for a in api.get("client_alone", []):
         lines.append(f"client alone, {a['processes']} process(es), no Airflow: {a['fraction_of_tpm_limit']:.3f} of TPM "
                      f"at the provider, 429 share {a['rate_limited_share']:.4f}")  # fmt: skip
@@ -286,7 +332,12 @@ def main(args: Any) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
     runner.use_airflow_home(args.airflow_home or work / "airflow")
-    result = run_api_bench(quick=args.quick, work=work, corpus_dir=args.corpus)
+    overrides = dict(item.split("=", 1) for item in args.api_set)
+    start_load = os.getloadavg()
+    say(f"load average at start: {start_load}")
+    result = run_api_bench(quick=args.quick, work=work, corpus_dir=args.corpus,
+                           modes=available_modes(args.api_modes), overrides=overrides)  # fmt: skip
+    result["load_average_start"] = start_load
     print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -165,6 +165,15 @@ def task_span(run_id: str) -> float | None:
     return round((max(ends) - min(starts)).total_seconds(), 3) if starts and ends else None
 
 
+def embed_phase(run_id: str) -> dict[str, float] | None:
+    """The embed phase: first ``embed_batch`` start to last end (epoch seconds, and its length), or None."""
+    tis = [t for t in task_instances(run_id, EMBED_TASK) if t["start_date"] and t["end_date"]]
+    if not tis:
+        return None
+    start, end = min(t["start_date"] for t in tis).timestamp(), max(t["end_date"] for t in tis).timestamp()
+    return {"start": start, "end": end, "seconds": round(end - start, 3)}
+
+
 def run_dag(conf: dict[str, Any], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the DAG once with ``dag.test()`` and return the report, completed with facts from the metadata DB."""
     ensure_pool()  # embed_batch names the pool; create it (if missing) so every executor can queue the task
@@ -201,6 +210,7 @@ def finalize_report(
     report["mapped_task_instances"] = len(mapped)
     report["mapped_task_states"] = _count(t["state"] for t in mapped)
     report["wall_seconds"] = round(wall, 3)
+    report["embed_phase"] = embed_phase(run_id)
     pairs = max(1, report["embeddings"]["expected"])
     total, embed = xcom_bytes(run_id), xcom_bytes(run_id, EMBED_TASK)
     report["xcom"] = {

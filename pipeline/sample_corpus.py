@@ -67,3 +67,20 @@ def _submodules(name: str) -> list[str]:
     return sorted(
         f"{name}.{m.name}" for m in pkgutil.iter_modules(paths) if not m.name.startswith(("_", "test"))
     )
+
+
+def replicate_corpus(source: str | Path, target: str | Path, copies: int) -> list[Path]:
+    """A corpus ``copies`` times the size of ``source``, deterministically: copy ``k`` of each document lives
+    under ``copy-k/`` and every non-empty line of it ends with `` (copy k)``, so no chunk's text repeats
+    (a provider or cache cannot answer a copy from an earlier one) and token counts stay comparable."""
+    source, target = Path(source), Path(target)
+    written: list[Path] = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        text = path.read_text(encoding="utf-8")
+        for k in range(copies):
+            out = target / f"copy-{k}" / path.relative_to(source)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(line.rstrip("\n") + (f" (copy {k})\n" if line.strip() else "\n")
+                                   for line in text.splitlines(keepends=True)), encoding="utf-8")  # fmt: skip
+            written.append(out)
+    return written
