@@ -191,20 +191,9 @@ def auto_batch_size(
     return max(1, size)
 
 
-def resolve_batch_size(
-    batch_size: int | str,
-    token_counts: Sequence[int],
-    *,
-    fan_out: int,
-    request_tokens: int,
-    request_inputs: int,
-    tokens_per_second: float | None = None,
-) -> int:
-    """``batch_size`` itself, or :func:`auto_batch_size` for ``"auto"``."""
-    if batch_size != AUTO:
-        return int(batch_size)
-    return auto_batch_size(token_counts, fan_out=fan_out, request_tokens=request_tokens,
-                           request_inputs=request_inputs, tokens_per_second=tokens_per_second)  # fmt: skip
+def resolve_batch_size(batch_size: int | str, token_counts: Sequence[int], **caps: Any) -> int:
+    """``batch_size`` itself, or :func:`auto_batch_size` for ``"auto"`` (``caps``: its keyword arguments)."""
+    return int(batch_size) if batch_size != AUTO else auto_batch_size(token_counts, **caps)
 
 
 def plan_for_mapping(
