@@ -33,6 +33,7 @@ by base URL + model, as providers meter per organisation and model.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import os
@@ -277,7 +278,7 @@ class OpenAIEmbeddingClient:
         extra = {"dimensions": self.dimensions} if self.dimensions else {}
         try:
             raw = sdk.embeddings.with_raw_response.create(
-                model=self.model, input=texts, encoding_format="float", **extra
+                model=self.model, input=texts, encoding_format="base64", **extra
             )
         except openai.APIConnectionError as exc:  # connect/read/write errors and timeouts
             kind = "Timeout" if isinstance(exc, openai.APITimeoutError) else type(exc.__cause__).__name__
@@ -289,7 +290,7 @@ class OpenAIEmbeddingClient:
         try:
             payload = raw.parse()
             data = sorted(payload.data, key=lambda d: d.index)
-            vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
+            vectors = np.asarray([_decoded(d.embedding) for d in data], dtype=np.float32)
         except Exception as exc:  # noqa: BLE001 - any malformed body: the SDK raises many kinds
             raise TransientEmbeddingError(
                 f"malformed response from {where}: {type(exc).__name__}: {exc}"
@@ -350,6 +351,14 @@ class OpenAIEmbeddingClient:
             self._sdk.close()
             self._sdk = None
         self.budget.close()
+
+
+def _decoded(embedding: Any) -> Any:
+    """A vector asked for as base64 (little-endian float32: a fraction of the bytes and parsing of JSON
+    numbers), or the list of floats of a server that ignores ``encoding_format``."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return embedding
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
