@@ -40,7 +40,7 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
             during=killer,
         )  # fmt: skip
     killed = killer.summary()
-    assert killed, "no embed task instance was seen running on a worker"
+    assert killed, f"no embed task instance was seen running on a worker (last: {killer.last_miss})"
     scheduler_log = (cluster_home / "celery-mode" / "scheduler.log").read_text(errors="replace").splitlines()
     why = [
         line[:300]

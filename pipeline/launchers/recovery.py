@@ -49,12 +49,17 @@ def metadata_db(home: Path) -> Any:
 
 
 def session_of_worker(parent: Any, name: str) -> int | None:
-    """Session id of Celery worker ``name`` among ``parent``'s descendants (a :class:`psutil.Process`)."""
+    """Session id of Celery worker ``name`` started by ``parent`` (a :class:`psutil.Process`).
+
+    Found by its working directory (``…/celery-mode/<name>``, see
+    :func:`~pipeline.launchers.celery_cluster.start_worker`), not its command line: Celery retitles its
+    processes (setproctitle) on some versions, and a session leader's cwd does not change.
+    """
     import psutil
 
-    for p in parent.children(recursive=True):
+    for p in parent.children():
         try:
-            if f"{name}@" in " ".join(p.cmdline()) and "celery" in p.cmdline():
+            if Path(p.cwd()).name == name:
                 return os.getsid(p.pid)
         except (psutil.Error, OSError):
             pass
@@ -70,6 +75,7 @@ class WorkerKiller:
     def __init__(self, home: Path, ready: Callable[[], bool] = lambda: True) -> None:
         self.home, self.ready = home, ready
         self.killed: dict[str, Any] = {}
+        self.last_miss = ""  # why the last tick did not kill (for the caller's error message)
 
     def __call__(self, parent: Any, seen: dict[int, float] | None = None) -> bool:
         try:
@@ -78,12 +84,15 @@ class WorkerKiller:
                     return self._watch(cur)
                 cur.execute(RUNNING_ON_A_WORKER, (DAG_ID, EMBED_TASK))
                 row = cur.fetchone()
-        except Exception:  # noqa: BLE001 - PostgreSQL not up yet, or the run just ended: next tick
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL not up yet, or the run just ended: next tick
+            self.last_miss = f"metadata DB: {exc}".strip()
             return False
         if row is None or not self.ready():
+            self.last_miss = "no embed instance running on a worker" if row is None else "not ready()"
             return False
         sid = session_of_worker(parent, row[2])
         if sid is None:
+            self.last_miss = f"{row[2]} runs {EMBED_TASK}[{row[1]}] but its process was not found"
             return False
         run_id, map_index, worker, try_number = row
         at = datetime.now(timezone.utc)
