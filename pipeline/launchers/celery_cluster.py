@@ -1,5 +1,8 @@
 """The DAG on CeleryExecutor: api-server, scheduler, dag-processor and N Celery workers sharing only services.
 
+On Airflow 2 there is no api-server (task processes reach the metadata DB directly) and the scheduler parses
+the DAGs itself; the workers are the same (``airflow celery worker``), and ``--ui`` starts ``airflow webserver``.
+
 The workers share nothing but the network services (PostgreSQL metadata DB, Redis broker, the api-server):
 each has its own ``--celery-hostname``, HOME, TMPDIR and working directory, and a ``[core] hostname_callable``
 (:mod:`pipeline.launchers.worker_name`) returning its name, so ``task_instance.hostname`` says which worker
@@ -8,10 +11,11 @@ machines those go to shared or object storage.)
 
 Recovery settings (environment variables of the same name win):
 
-* ``[scheduler] task_instance_heartbeat_timeout`` = 60 s (Airflow's default 300 s): a task instance whose
-  worker died stops heartbeating; after this long the scheduler fails it and, with retries left, queues a
-  new try on a live worker. It must exceed the gap between heartbeats (``[workers] min_heartbeat_interval``,
-  5 s) with room for a loaded machine.
+* ``[scheduler] task_instance_heartbeat_timeout`` (Airflow 2: ``scheduler_zombie_task_threshold``) = 60 s
+  (Airflow's default 300 s): a task instance whose worker died stops heartbeating; after this long the
+  scheduler fails it and, with retries left, queues a new try on a live worker. It must exceed the gap
+  between heartbeats (Airflow 3: ``[workers] min_heartbeat_interval``, 1 s here; Airflow 2: ``[scheduler]
+  job_heartbeat_sec``, 5 s) with room for a loaded machine.
 * ``[scheduler] task_queued_timeout`` = 120 s (default 600 s), checked every 10 s (default 120 s): a task
   instance whose message a worker took but never started (it died first) stays ``queued`` with no heartbeat
   to miss; after this long the scheduler queues it again. The scheduler queues no more task instances than
