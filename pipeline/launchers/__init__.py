@@ -4,8 +4,9 @@
 * :mod:`~pipeline.launchers.services` — PostgreSQL (metadata DB) and Redis (broker) on loopback, passwords;
 * :mod:`~pipeline.launchers.airflow_run` — Airflow env, readiness, trigger, wait, concurrency, topology;
 * :mod:`~pipeline.launchers.local` — LocalExecutor (SQLite on Airflow 3, PostgreSQL on Airflow 2);
-* :mod:`~pipeline.launchers.celery_cluster` — CeleryExecutor with N workers (PostgreSQL + Redis);
-* :mod:`~pipeline.launchers.worker_name` — the workers' ``hostname_callable``.
+* :mod:`~pipeline.launchers.celery_cluster` — CeleryExecutor with N workers (PostgreSQL + Redis), Airflow 2 and 3;
+* :mod:`~pipeline.launchers.worker_name` — the workers' ``hostname_callable``;
+* :mod:`~pipeline.launchers.recovery` — kill a busy Celery worker and time the recovery (specs, ``measure``).
 
 Nothing here imports Airflow at module level: :func:`launch` first chooses the metadata DB.
 """
