@@ -16,13 +16,17 @@ from pipeline import store
 from pipeline.emulator import Emulator, EmulatorConfig
 from specs.distributed import cluster_home as cluster_home  # the fixture, by import
 from specs.distributed import command, pytestmark, run_cli, small_corpus  # noqa: F401 - pytestmark by import
-from specs.test_rate_limits import JITTER
 from specs.test_rate_limits import redis_url as redis_url  # the fixture, by import
 
 KEY, MODEL = "sk-budget", "openai:m@emb_budget"
 # Limits per window (the "minute" shortened to WINDOW s on both sides): one input per request, so each chunk
-# is one request (~30 tokens with the client's 25 % safety margin); 14 chunks take several windows.
-WINDOW, RPW, TPW = 2.0, 3, 90
+# is one request (~30 tokens with the client's 25 % safety margin); 16 chunks take several windows.
+WINDOW, RPW, TPW = 4.0, 3, 90
+# Seconds between a task process taking its permit and the emulator stamping the request's arrival, tolerated:
+# both run niced on a loaded 2-core machine here. test_rate_limits.py's 0.15 s was exceeded (4 arrivals within
+# 1.85 s for a limit of 3 per 2 s, load average ~20, 2026-11-27). Unshared budgets would still fail: four task
+# processes with 3 requests per window each.
+JITTER = 1.0
 
 
 def test_two_celery_workers_sharing_a_redis_budget_never_exceed_the_providers_limits(
