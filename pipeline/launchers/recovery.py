@@ -52,8 +52,8 @@ def session_of_worker(parent: Any, name: str) -> int | None:
     """Session id of Celery worker ``name`` started by ``parent`` (a :class:`psutil.Process`).
 
     Found by its working directory (``…/celery-mode/<name>``, see
-    :func:`~pipeline.launchers.celery_cluster.start_worker`), not its command line: Celery retitles its
-    processes (setproctitle) on some versions, and a session leader's cwd does not change.
+    :func:`~pipeline.launchers.celery_cluster.start_worker`), which a session leader keeps. Matching the command
+    line found no worker mid-run on Airflow 2.11 (likely Celery retitling its processes: not confirmed).
     """
     import psutil
 
