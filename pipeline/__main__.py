@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ui",
         action="store_true",
-        help="--executor local/celery (Airflow 3): serve the Airflow UI on 127.0.0.1 "
+        help="--executor local/celery: serve the Airflow UI (Airflow 2: webserver) on 127.0.0.1 "
         "during the run and print its URL",
     )
     run.add_argument(

@@ -4,8 +4,9 @@
 * :mod:`~pipeline.launchers.services` — PostgreSQL (metadata DB) and Redis (broker) on loopback, passwords;
 * :mod:`~pipeline.launchers.airflow_run` — Airflow env, readiness, trigger, wait, concurrency, topology;
 * :mod:`~pipeline.launchers.local` — LocalExecutor (SQLite on Airflow 3, PostgreSQL on Airflow 2);
-* :mod:`~pipeline.launchers.celery_cluster` — CeleryExecutor with N workers (PostgreSQL + Redis);
-* :mod:`~pipeline.launchers.worker_name` — the workers' ``hostname_callable``.
+* :mod:`~pipeline.launchers.celery_cluster` — CeleryExecutor with N workers (PostgreSQL + Redis), Airflow 2 and 3;
+* :mod:`~pipeline.launchers.worker_name` — the workers' ``hostname_callable``;
+* :mod:`~pipeline.launchers.recovery` — kill a busy Celery worker and time the recovery (specs, ``measure``).
 
 Nothing here imports Airflow at module level: :func:`launch` first chooses the metadata DB.
 """
@@ -37,7 +38,9 @@ def check_options(
             raise SettingsError(f"{flag}={value}: must be >= 1")
     allowed = {"local": ("--parallelism", "--api-concurrency"), "celery": tuple(given)}.get(executor, ())
     if ui and executor not in ("local", "celery"):
-        raise SettingsError("--ui needs --executor local or celery (the UI runs in their api-server)")
+        raise SettingsError(
+            "--ui needs --executor local or celery (the UI runs in their api-server or webserver)"
+        )
     for flag, value in given.items():
         if value is not None and flag not in allowed:
             needs = "--executor celery" if flag.startswith("--worker") else "--executor local or celery"
@@ -71,10 +74,6 @@ def launch(
     home = Path(airflow_home).resolve()
     started = time.monotonic()
     common: dict[str, Any] = {"started": started, "deadline": started + timeout, "timeout": timeout, "ui": ui}
-    if ui and airflow_major() < 3:
-        raise runner.RunError(
-            "--ui needs Airflow 3 (its api-server serves the UI); on Airflow 2 run airflow webserver"
-        )
     if executor == "local" and airflow_major() >= 3:  # Airflow 3's LocalExecutor runs on the SQLite home
         from pipeline.launchers.local import run_local
 

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import DAG_ID
-from pipeline.launchers.processes import Processes
+from pipeline.launchers.processes import Processes, free_port
 from pipeline.runner import EMBED_TASK, RunError, airflow_env, progress_line, task_span
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
@@ -79,11 +80,14 @@ def start_api_server(procs: Processes, env: dict[str, str], port: int, apps: str
                                            "--apps", apps, "--workers", "1"), env=env)  # fmt: skip
 
 
-def start_core(procs: Processes, env: dict[str, str], api_port: int | None, ui: bool = False) -> str:
-    """Start api-server + dag-processor (Airflow 3) and the scheduler; return what was started, for the console.
+def start_core(
+    procs: Processes, env: dict[str, str], api_port: int | None, ui: bool = False
+) -> tuple[str, str | None]:
+    """Start api-server + dag-processor (Airflow 3) and the scheduler (+ Airflow 2's webserver for ``ui``).
 
-    Airflow 2's scheduler parses the DAGs itself and its task processes reach the DB directly. The scheduler
-    and Celery workers pre-import the heavy modules their forked task processes use (:mod:`.preload`).
+    Returns what was started, for the console, and the UI's base URL (None without ``ui``). Airflow 2's
+    scheduler parses the DAGs itself and its task processes reach the DB directly. The scheduler and Celery
+    workers pre-import the heavy modules their forked task processes use (:mod:`.preload`).
     """
     from pipeline.launchers.preload import install
 
@@ -92,9 +96,35 @@ def start_core(procs: Processes, env: dict[str, str], api_port: int | None, ui: 
         start_api_server(procs, env, api_port, apps="all" if ui else "execution")
         procs.start("dag-processor", airflow_argv("dag-processor"), env=env)
     procs.start("scheduler", airflow_argv("scheduler", "--skip-serve-logs"), env=env)
-    return (
-        f"api-server on 127.0.0.1:{api_port}, dag-processor, " if api_port is not None else ""
-    ) + "scheduler"
+    what = (
+        "scheduler" if api_port is None else f"api-server on 127.0.0.1:{api_port}, dag-processor, scheduler"
+    )
+    if not ui:
+        return what, None
+    if api_port is not None:
+        return what, f"http://127.0.0.1:{api_port}"
+    port = start_webserver(procs, env)
+    return f"{what}, webserver on 127.0.0.1:{port}", f"http://127.0.0.1:{port}"
+
+
+def start_webserver(procs: Processes, env: dict[str, str]) -> int:
+    """Airflow 2's UI (``airflow webserver``) on 127.0.0.1 without a login: Flask-AppBuilder gives anonymous
+    visitors the role ``AUTH_ROLE_PUBLIC`` (Admin: loopback only). Returns its port."""
+    port = free_port()
+    config = procs.log_dir / "webserver_config.py"
+    config.write_text('AUTH_ROLE_PUBLIC = "Admin"  # written by pipeline.launchers: loopback only\n')
+    web_env = env | {"AIRFLOW__WEBSERVER__CONFIG_FILE": str(config),
+                     "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_urlsafe(32)}  # fmt: skip
+    argv = airflow_argv("webserver", "--hostname", "127.0.0.1", "--port", str(port), "--workers", "1")
+    procs.start("webserver", argv, env=web_env)
+    return port
+
+
+def ui_url(base: str, run_id: str) -> str:
+    """The run's page: Airflow 3's run view, Airflow 2's grid view of the run."""
+    if airflow_major() >= 3:
+        return f"{base}/dags/{DAG_ID}/runs/{run_id}"
+    return f"{base}/dags/{DAG_ID}/grid?" + urllib.parse.urlencode({"dag_run_id": run_id})
 
 
 @contextlib.contextmanager
@@ -279,9 +309,10 @@ def trigger_and_report(
     concurrency_info: dict[str, Any],
     topology: dict[str, Any],
     ready: Callable[[], str] = str,
-    ui: bool = False,
+    ui: str | None = None,
 ) -> dict[str, Any]:
-    """Wait for the started processes, trigger one run, wait for it and return its report.
+    """Wait for the started processes, trigger one run, wait for it and return its report (``ui``: the UI's base
+    URL, to print the run's page).
 
     The report is ``dag.test``'s plus ``concurrency`` (``max_overlapping_mapped_tis`` measured) and
     ``topology`` (``workers``: embed tries per ``task_instance.hostname``; ``startup_seconds``: services and
@@ -298,7 +329,7 @@ def trigger_and_report(
         say(f"marked unfinished earlier run {stale} failed (max_active_runs=1)")
     say(f"triggered {run_id}")
     if ui:
-        say(f"Airflow UI (until the run ends): http://127.0.0.1:{api_port}/dags/{DAG_ID}/runs/{run_id}")
+        say(f"Airflow UI (until the run ends): {ui_url(ui, run_id)}")
     state = wait_run(procs, run_id, deadline, say, timeout)
     wall = time.monotonic() - triggered  # like dag.test's: the run itself; starting up is startup_seconds
     concurrency_info = concurrency_info | {"max_overlapping_mapped_tis": concurrency(run_id)}

@@ -1,5 +1,8 @@
 """The DAG on CeleryExecutor: api-server, scheduler, dag-processor and N Celery workers sharing only services.
 
+On Airflow 2 there is no api-server (task processes reach the metadata DB directly) and the scheduler parses
+the DAGs itself; the workers are the same (``airflow celery worker``), and ``--ui`` starts ``airflow webserver``.
+
 The workers share nothing but the network services (PostgreSQL metadata DB, Redis broker, the api-server):
 each has its own ``--celery-hostname``, HOME, TMPDIR and working directory, and a ``[core] hostname_callable``
 (:mod:`pipeline.launchers.worker_name`) returning its name, so ``task_instance.hostname`` says which worker
@@ -8,10 +11,11 @@ machines those go to shared or object storage.)
 
 Recovery settings (environment variables of the same name win):
 
-* ``[scheduler] task_instance_heartbeat_timeout`` = 60 s (Airflow's default 300 s): a task instance whose
-  worker died stops heartbeating; after this long the scheduler fails it and, with retries left, queues a
-  new try on a live worker. It must exceed the gap between heartbeats (``[workers] min_heartbeat_interval``,
-  5 s) with room for a loaded machine.
+* ``[scheduler] task_instance_heartbeat_timeout`` (Airflow 2: ``scheduler_zombie_task_threshold``) = 60 s
+  (Airflow's default 300 s): a task instance whose worker died stops heartbeating; after this long the
+  scheduler fails it and, with retries left, queues a new try on a live worker. It must exceed the gap
+  between heartbeats (Airflow 3: ``[workers] min_heartbeat_interval``, 1 s here; Airflow 2: ``[scheduler]
+  job_heartbeat_sec``, 5 s) with room for a loaded machine.
 * ``[scheduler] task_queued_timeout`` = 120 s (default 600 s), checked every 10 s (default 120 s): a task
   instance whose message a worker took but never started (it died first) stays ``queued`` with no heartbeat
   to miss; after this long the scheduler queues it again. The scheduler queues no more task instances than
@@ -52,15 +56,18 @@ HEARTBEAT_TIMEOUT = 60
 QUEUED_TIMEOUT = 120
 
 
+def heartbeat_timeout_env() -> str:
+    """The variable of the heartbeat timeout: Airflow 2 calls it ``scheduler_zombie_task_threshold``."""
+    if airflow_major() >= 3:
+        return "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"
+    return "AIRFLOW__SCHEDULER__SCHEDULER_ZOMBIE_TASK_THRESHOLD"
+
+
 def recovery_settings(timeout: float) -> dict[str, str]:
     """The recovery timeouts (see the module doc); values already in the environment are kept."""
-    if airflow_major() >= 3:
-        heartbeat = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
-                     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5"}  # fmt: skip
-    else:
-        heartbeat = {"AIRFLOW__SCHEDULER__SCHEDULER_ZOMBIE_TASK_THRESHOLD": str(HEARTBEAT_TIMEOUT),
-                     "AIRFLOW__SCHEDULER__ZOMBIE_DETECTION_INTERVAL": "5"}  # fmt: skip
-    wanted = heartbeat | {
+    interval = ("AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL" if airflow_major() >= 3
+                else "AIRFLOW__SCHEDULER__ZOMBIE_DETECTION_INTERVAL")  # fmt: skip
+    wanted = {heartbeat_timeout_env(): str(HEARTBEAT_TIMEOUT), interval: "5"} | {
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
         "AIRFLOW__CELERY__TASK_ACKS_LATE": "True",
@@ -99,7 +106,7 @@ def run_celery(
     names = [f"worker-{i}" for i in range(1, workers + 1)]
     with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        started_what = start_core(procs, env, api_port, ui)
+        started_what, ui_base = start_core(procs, env, api_port, ui)
         for name in names:
             start_worker(procs, env, home / LOG_DIR / name, name, worker_concurrency)
         say(
@@ -114,7 +121,7 @@ def run_celery(
 
         report = trigger_and_report(
             procs, conf, api_port=api_port, since=since, started=started, deadline=deadline, timeout=timeout,
-            say=say, ready=workers_ready, ui=ui,
+            say=say, ready=workers_ready, ui=ui_base,
             concurrency_info={"executor": "CeleryExecutor", "parallelism": parallelism, "api_concurrency": slots,
                               "pool": EMBED_POOL, "workers": workers, "worker_concurrency": worker_concurrency},
             topology={"executor": "CeleryExecutor", "metadata_db": postgres.url("postgresql", secret=False),

@@ -53,12 +53,12 @@ def run_local(
     env = process_env(str(home), executor="LocalExecutor", parallelism=parallelism, api_port=api_port, ui=ui)
     with supervised(Processes(home / LOG_DIR), say) as procs:
         since = datetime.now(timezone.utc)
-        started_what = start_core(procs, env, api_port, ui)
+        started_what, ui_base = start_core(procs, env, api_port, ui)
         say(f"airflow processes: {started_what} (parallelism {parallelism}, pool {EMBED_POOL} {slots} slots; "
             f"logs in {procs.log_dir})")  # fmt: skip
         return trigger_and_report(
             procs, conf, api_port=api_port, since=since, started=started, deadline=deadline, timeout=timeout,
-            say=say, ui=ui,
+            say=say, ui=ui_base,
             concurrency_info={"executor": "LocalExecutor", "parallelism": parallelism, "api_concurrency": slots,
                               "pool": EMBED_POOL},
             topology={"executor": "LocalExecutor", "metadata_db": metadata_db, "broker": None},
