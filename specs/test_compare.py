@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -134,6 +136,15 @@ def test_the_comparison_sample_is_spread_over_the_ids_not_their_first_ones() -> 
     picked = sample_ids(ids, 100)
     first_half = sum(1 for i in picked if i < ids[500])
     assert picked != ids[:100] and 30 <= first_half <= 70
+
+
+@given(st.lists(st.text(max_size=8), unique=True, max_size=40), st.integers(0, 30))
+def test_the_comparison_sample_is_the_ids_with_the_smallest_8_byte_blake2b_digests(
+    ids: list[str], limit: int
+):
+    """The sample is defined by the ids alone (BLAKE2b, 8-byte digests, smallest first): runs and releases compare."""
+    by_digest = sorted(ids, key=lambda i: hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest())
+    assert sample_ids(ids, limit) == sorted(by_digest[:limit])
 
 
 def test_models_with_no_chunk_in_common_compare_on_zero_chunks() -> None:

@@ -46,6 +46,19 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
 
 
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60))
+def test_a_report_written_as_text_reads_back_the_same_into_a_folder_made_for_it(
+    tmp_path_factory, text
+) -> None:
+    """write_text creates the report's folders and stores UTF-8; read_text returns it, and None for no file."""
+    base = tmp_path_factory.mktemp("report")
+    uri = str(base / "reports" / "run" / "report.json")
+    assert staging.read_text(uri) is None
+    staging.write_text(uri, text)
+    assert staging.read_text(uri) == text
+    assert (base / "reports" / "run" / "report.json").read_bytes() == text.encode("utf-8")
+
+
 @pytest.mark.smoke
 def test_a_file_url_stages_through_airflows_object_storage_path(tmp_path) -> None:
     """A ``file://`` work dir goes through Airflow's ObjectStoragePath (as ``s3://`` would) and reads back the same."""
