@@ -46,6 +46,14 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
 
 
+def test_vectors_of_any_float_type_are_staged_as_float32(tmp_path) -> None:
+    """An encoder's float64 rows are staged (and read back) as float32, the store's type, at half the bytes."""
+    vectors = np.array([[1 / 3, 2 / 3], [0.1, 0.7]], dtype=np.float64)
+    staging.write_vectors(str(tmp_path / "v.npz"), ["a", "b"], vectors)
+    ids, got = staging.read_vectors(str(tmp_path / "v.npz"))
+    assert ids == ["a", "b"] and got.dtype == np.float32 and np.array_equal(got, vectors.astype(np.float32))
+
+
 @given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60))
 def test_a_report_written_as_text_reads_back_the_same_into_a_folder_made_for_it(
     tmp_path_factory, text
