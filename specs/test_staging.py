@@ -46,6 +46,13 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
 
 
+def test_a_staged_file_holding_pickled_objects_is_refused_not_unpickled(tmp_path) -> None:
+    """Staged files are read without pickle: a file with Python objects in it cannot run code in a task."""
+    np.savez(tmp_path / "v.npz", ids=np.array([{"not": "an id"}], dtype=object), vectors=np.eye(1))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        staging.read_vectors(str(tmp_path / "v.npz"))
+
+
 def test_vectors_of_any_float_type_are_staged_as_float32(tmp_path) -> None:
     """An encoder's float64 rows are staged (and read back) as float32, the store's type, at half the bytes."""
     vectors = np.array([[1 / 3, 2 / 3], [0.1, 0.7]], dtype=np.float64)
