@@ -52,6 +52,8 @@ def test_no_request_is_over_either_cap_and_only_chunks_above_the_token_cap_are_o
 
 
 @given(split_batches())
+@example(([2, 3], 5, 8)).via("a request filled exactly to the token cap")
+@example(([5, 2, 3], 5, 8)).via("the request after a full one starts from zero tokens")
 def test_a_request_is_closed_only_when_the_next_chunk_would_break_a_cap(
     case: tuple[list[int], int, int],
 ) -> None:
