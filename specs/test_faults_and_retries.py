@@ -222,6 +222,19 @@ def test_without_retry_after_backoff_is_jittered_exponential_and_capped(
         assert 0 <= delay <= min(1.0, base * 2**attempt)
 
 
+def test_without_an_rng_the_jittered_delays_are_the_same_on_every_run() -> None:
+    """The default jitter is seeded: a run (and a spec) that retries waits the same delays every time."""
+    ids = [f"c{i}" for i in range(4)]
+    mask = {(i, "m"): Fate(transient=3) for i in ids}
+    runs = []
+    for _ in range(2):
+        slept: list[float] = []
+        embed_resiliently(ids, ids, MaskedCall(mask, "m"), backoff=Backoff(base=1.0, cap=8.0, max_attempts=4),
+                          sleep=slept.append)  # fmt: skip
+        runs.append(slept)
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
 @given(chunk_ids(min_size=1, max_size=8), st.integers(1, 4))
 def test_exhausted_retries_give_transient_exhausted_failures_for_the_whole_request(
     ids: list[str], attempts: int
