@@ -146,6 +146,7 @@ def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, 
 @example(([1, 1, 1], 1, None, 2, 2, True)).via("a budget of exactly one batch: everything in it")
 @example(([6, 6, 1, 1], 1, 7, 1, 3, True)).via("the token cap still binds in the grown plan")
 @example(([1, 1, 1, 4, 2, 5], 1, 10, 1, 2, True)).via("the search probes whole batch sizes only")
+@example(([1] * 10, 1, None, 1, 3, True)).via("no token cap: grows straight to ceil(n / budget)")
 def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     case: tuple[list[int], int, int | None, int, int, bool],
 ) -> None:

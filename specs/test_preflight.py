@@ -7,6 +7,7 @@ the key) fails that instance without retries, and the rest of the run learns it 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 import textwrap
@@ -75,7 +76,9 @@ def test_each_unwritable_local_location_is_named_by_its_setting(tmp_path, corpus
     bad = "/proc/nope/r.json" if setting == "report_path" else "/proc/nope"
     with pytest.raises(PreflightError) as caught:
         check(Settings(corpus_dir=str(corpus), **(good | {setting: bad})), connections=False)
-    assert str(caught.value).startswith(f"{setting}='/proc/nope' cannot be written (")
+    assert str(caught.value) == (
+        f"{setting}='/proc/nope' cannot be written (No such file or directory); pass a folder you can write to"
+    )
 
 
 def test_without_connections_nothing_remote_is_checked_and_nothing_probed_locally(corpus, monkeypatch):
@@ -96,6 +99,10 @@ def test_by_default_api_connections_are_checked(tmp_path, corpus, monkeypatch):
         PreflightError, match="^models: openai:m@no_such_conn: Airflow connection 'no_such_conn'"
     ):
         check(settings)
+    with pytest.raises(
+        PreflightError, match="^models: openai:m@no_such_conn: Airflow connection 'no_such_conn'"
+    ):
+        check_model("openai:m@no_such_conn")  # what a task calls when its model fails to load
 
 
 def test_object_storage_locations_are_probed_through_their_connection_and_named(
@@ -234,12 +241,25 @@ def test_before_a_new_home_exists_only_the_environment_can_hold_api_connections(
 
 def test_an_api_model_without_the_openai_extra_names_what_to_install(monkeypatch):
     """An API model whose client libraries are missing names them and the pip command (before any connection)."""
-    monkeypatch.setattr(preflight, "OPENAI_MODULES", ("pyrate_limiter", "no_such_module_here"))
+    monkeypatch.setattr(
+        preflight, "OPENAI_MODULES", ("pyrate_limiter", "no_such_module_a", "no_such_module_b")
+    )
     with pytest.raises(PreflightError) as caught:
         check_model("openai:m", connections=True)
     assert str(caught.value) == (
-        "models: openai:m needs the openai extra (no_such_module_here missing): pip install '.[openai]'"
+        "models: openai:m needs the openai extra (no_such_module_a, no_such_module_b missing): pip install '.[openai]'"
     )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is not None, reason="needs an environment without the minilm extra"
+)
+def test_minilm_without_its_extra_names_the_install_command():
+    """minilm without torch/transformers: one line naming the model, what is missing and the pip command."""
+    with pytest.raises(
+        PreflightError, match=r"^models: minilm: torch, transformers not installed; .*pip install"
+    ):
+        check_model("minilm")
 
 
 # --- the CLI: one line, exit code 2, nothing started ----------------------------------------------------------
