@@ -5,7 +5,8 @@
 Reads `mutmut results --all true` (or a saved copy of its output) and the mutants docs/mutation.md lists as
 equivalent (rows "| `pipeline.<module>.<mutant>` | reason |"), and prints one markdown row per module:
 mutants, killed (a spec failed), timeouts, survived (not equivalent), equivalent, no pure spec (no spec in the
-mutation selection reaches the function), score = (killed + timeouts) / (mutants - equivalent).
+mutation selection reaches the function), not run (the run stopped first), other (suspicious, crashed),
+score = (killed + timeouts) / (mutants - equivalent - not run).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "mutation.md"
 LINE = re.compile(r"^\s*(pipeline\.\S+__mutmut_\d+): (.+)$")
 EQUIVALENT = re.compile(r"^\| `(pipeline\.\S+__mutmut_\d+)` \|", re.M)
-COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "other")
+COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "not checked", "other")
 
 
 def module_of(mutant: str) -> str:
@@ -51,8 +52,10 @@ def main() -> None:
         if status == "survived" and mutant in equivalent:
             status = "equivalent"
         counts[module_of(mutant)][status if status in COLUMNS else "other"] += 1
-    print("| module | mutants | killed | timeouts | survived | equivalent | no pure spec | other | score |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| module | mutants | killed | timeouts | survived | equivalent | no pure spec | not run | other | score |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     total: collections.Counter[str] = collections.Counter()
     for module in sorted(counts):
         total.update(counts[module])
@@ -62,7 +65,7 @@ def main() -> None:
 
 def row(label: str, c: collections.Counter[str]) -> str:
     n = sum(c.values())
-    scored = n - c["equivalent"]
+    scored = n - c["equivalent"] - c["not checked"]  # of the mutants that ran
     score = f"{(c['killed'] + c['timeout']) / scored:.1%}" if scored else "–"
     cells = [c[k] for k in COLUMNS]
     return f"| {label} | {n} | " + " | ".join(str(x) for x in cells) + f" | {score} |"
