@@ -37,10 +37,11 @@ settings.register_profile(
 settings.register_profile(
     "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-# Mutation testing runs the pure specs once per mutant: fewer examples, same every time (HYPOTHESIS_PROFILE=mutation).
+# Mutation testing runs the pure specs once per mutant: fewer examples, same every time (HYPOTHESIS_PROFILE=mutation),
+# and no shrinking: the first failing example kills the mutant, shrinking it only burns CPU (it made kills time out).
 settings.register_profile(
     "mutation", max_examples=20, stateful_step_count=10, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow], phases=(Phase.explicit, Phase.reuse, Phase.generate),
 )  # fmt: skip
 # CI's smoke runs on Airflow 3.0-3.2 (1.2-2.4 s per mapped task instance): the ci profile, and the specs that run
 # the real DAG try only their explicit @example cases (AIRFLOW_PHASES).

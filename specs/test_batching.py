@@ -147,6 +147,7 @@ def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, 
 @example(([1, 1, 1], 1, None, 2, 2, True)).via("a budget of exactly one batch: everything in it")
 @example(([6, 6, 1, 1], 1, 7, 1, 3, True)).via("the token cap still binds in the grown plan")
 @example(([1, 1, 1, 4, 2, 5], 1, 10, 1, 2, True)).via("the search probes whole batch sizes only")
+@example(([1] * 10, 1, None, 1, 3, True)).via("no token cap: grows straight to ceil(n / budget)")
 def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     case: tuple[list[int], int, int | None, int, int, bool],
 ) -> None:
@@ -348,6 +349,24 @@ def test_against_a_token_budget_auto_gives_each_task_instance_seconds_of_it(
         assert size * mean >= BUDGET_SECONDS_PER_INSTANCE * tokens_per_second
 
 
+@pytest.mark.parametrize(
+    ("counts", "request_tokens", "request_inputs", "size"),
+    [
+        ([1, 1], 4, 100, 4),  # one-token chunks: a full request holds request_tokens of them
+        ([8192], 8192, 2048, 1),  # a chunk as big as a request: batches of one
+        ([3, 3], 10, 2, 2),  # the inputs cap binds before the token cap
+    ],
+)
+def test_auto_is_one_full_request_when_the_corpus_is_too_small_to_spread(
+    counts: list[int], request_tokens: int, request_inputs: int, size: int
+) -> None:
+    """Below 32 task instances' worth of chunks, auto is r = min(request_inputs, request_tokens // mean tokens)."""
+    assert (
+        auto_batch_size(counts, fan_out=1, request_tokens=request_tokens, request_inputs=request_inputs)
+        == size
+    )
+
+
 def test_an_explicit_batch_size_is_used_as_given() -> None:
     """A number is a number: resolve_batch_size only replaces "auto"."""
     assert resolve_batch_size(7, [1] * 100, fan_out=2, request_tokens=10, request_inputs=10) == 7
@@ -421,6 +440,38 @@ def test_without_a_crossed_list_the_plan_is_the_one_for_a_single_model(
             plan_for_mapping(**kwargs | {"crossed": None})
         return
     assert plan_for_mapping(**kwargs | {"crossed": None}) == single
+
+
+@given(st.lists(st.integers(1, 60), max_size=400), st.integers(1, 3), st.integers(1, 600), st.integers(1, 64))
+def test_auto_in_the_mapping_plan_is_auto_batch_size_for_the_crossed_lists_length(
+    counts: list[int], models: int, request_tokens: int, request_inputs: int
+) -> None:
+    """batch_size="auto" in map_batches' plan sizes batches with auto_batch_size(fan_out=len(crossed), the caps)."""
+    size = auto_batch_size(
+        counts, fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs
+    )
+    expected = plan_within_map_length(
+        counts, batch_size=size, max_tokens=None, fan_out=models, max_map_length=10**6
+    )
+    plan = plan_for_mapping(
+        counts, batch_size="auto", max_tokens=None, crossed=list(range(models)), max_map_length=10**6,
+        request_tokens=request_tokens, request_inputs=request_inputs,
+    )  # fmt: skip
+    assert [{k: v for k, v in b.items() if k != "of"} for b in plan] == [b.as_dict() for b in expected]
+
+
+@pytest.mark.parametrize(("tokens", "max_map_length"), [(2731, 1024), (1, 1024), (1, 2)])
+def test_the_mapping_plans_defaults_are_the_settings_request_caps_and_growing(
+    tokens: int, max_map_length: int
+):
+    """Without request caps or grow, plan_for_mapping plans as with the settings' defaults (8192, 2048) and grows."""
+    counts = [
+        tokens
+    ] * 10_000  # 2731 tokens: the token cap decides; 1 token: the inputs cap; 2 batches: growth
+    kwargs = {"batch_size": "auto", "max_tokens": None, "crossed": ["m"], "max_map_length": max_map_length}
+    defaults = Settings("corpus")
+    explicit = {"request_tokens": defaults.max_request_tokens, "request_inputs": defaults.max_request_inputs}
+    assert plan_for_mapping(counts, **kwargs) == plan_for_mapping(counts, **kwargs, **explicit, grow=True)
 
 
 def test_an_empty_crossed_list_is_a_plan_error_asking_for_models() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.compare import compare_pair, knn_jaccard, linear_cka, sample_ids
+from pipeline.compare import _neighbours, compare_pair, knn_jaccard, linear_cka, sample_ids
 
 
 @st.composite
@@ -134,6 +136,31 @@ def test_the_comparison_sample_is_spread_over_the_ids_not_their_first_ones() -> 
     picked = sample_ids(ids, 100)
     first_half = sum(1 for i in picked if i < ids[500])
     assert picked != ids[:100] and 30 <= first_half <= 70
+
+
+@given(st.lists(st.text(max_size=8), unique=True, max_size=40), st.integers(0, 30))
+def test_the_comparison_sample_is_the_ids_with_the_smallest_8_byte_blake2b_digests(
+    ids: list[str], limit: int
+):
+    """The sample is defined by the ids alone (BLAKE2b, 8-byte digests, smallest first): runs and releases compare."""
+    by_digest = sorted(ids, key=lambda i: hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest())
+    assert sample_ids(ids, limit) == sorted(by_digest[:limit])
+
+
+def test_the_reports_knn_score_uses_ten_neighbours() -> None:
+    """knn_jaccard's default k and compare_pair's knn_jaccard_at_10 are 10 neighbours (the key says so)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(40, 5)), rng.normal(size=(40, 7))
+    ids = [f"c{i}" for i in range(40)]
+    assert knn_jaccard(a, b) == knn_jaccard(a, b, k=10) != knn_jaccard(a, b, k=11)
+    assert compare_pair(ids, a, ids, b)["knn_jaccard_at_10"] == knn_jaccard(a, b, k=10)
+
+
+def test_tied_neighbours_are_taken_in_chunk_order() -> None:
+    """Equally similar chunks are neighbours by position (a stable sort), so ties resolve alike for both models."""
+    same = np.ones((40, 3))  # every pair of chunks ties
+    for row, neighbours in enumerate(_neighbours(same, 10)):
+        assert neighbours == set([i for i in range(11) if i != row][:10])
 
 
 def test_models_with_no_chunk_in_common_compare_on_zero_chunks() -> None:

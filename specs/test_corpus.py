@@ -279,6 +279,23 @@ def test_files_the_process_may_not_read_are_rejected_as_permission_denied(
     assert found.rejected == [Rejected("locked.txt", "unreadable: permission denied")]
 
 
+def test_a_file_gone_between_listing_and_reading_is_rejected_with_the_os_reason(tmp_path: Path, monkeypatch):
+    """A file that vanishes after the walk listed it (a race, simulated) is ``unreadable: <strerror>``, no crash."""
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "gone.txt").write_text("soon deleted")
+    real_stat = Path.stat
+
+    def stat(self: Path, **kwargs):
+        if self.name == "gone.txt":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    found = discover(tmp_path)
+    assert found.documents == ["ok.txt"]
+    assert found.rejected == [Rejected("gone.txt", "unreadable: No such file or directory")]
+
+
 def test_an_unreadable_corpus_directory_is_a_corpus_error_naming_it_and_the_fix(
     tmp_path: Path, monkeypatch
 ) -> None:

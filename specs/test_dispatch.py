@@ -55,6 +55,8 @@ def test_no_request_is_over_either_cap_and_only_chunks_above_the_token_cap_are_o
 
 
 @given(split_batches())
+@example(([2, 3], 5, 8)).via("a request filled exactly to the token cap")
+@example(([5, 2, 3], 5, 8)).via("the request after a full one starts from zero tokens")
 def test_a_request_is_closed_only_when_the_next_chunk_would_break_a_cap(
     case: tuple[list[int], int, int],
 ) -> None:
@@ -143,6 +145,60 @@ def test_concurrency_n_keeps_n_requests_in_flight_and_never_more(concurrency: in
     out = send_requests(ids, ids, [[i] for i in range(len(ids))], send, concurrency=concurrency)
     assert out.ids == ids and out.calls == len(ids)
     assert peak[0] == concurrency
+
+
+def echo_sender(threads: list[threading.Thread]):
+    """A send that answers every chunk and records the thread that sent the request."""
+
+    def send(ids: Sequence[str], texts: Sequence[str]) -> Outcome:
+        threads.append(threading.current_thread())
+        time.sleep(0.01)
+        return Outcome(ids=list(ids), vectors=[unit_vectors(list(ids), 4)], calls=1)
+
+    return send
+
+
+@pytest.mark.parametrize(("requests", "concurrency"), [(3, None), (1, 4)])
+def test_one_request_or_concurrency_one_is_sent_from_the_calling_thread(
+    requests: int, concurrency: int | None
+):
+    """By default (concurrency 1), and for a single request at any concurrency, no thread pool is started."""
+    threads: list[threading.Thread] = []
+    ids = [f"c{i}" for i in range(requests)]
+    options = {} if concurrency is None else {"concurrency": concurrency}
+    out = send_requests(ids, ids, [[i] for i in range(requests)], echo_sender(threads), **options)
+    assert out.ids == ids and threads == [threading.current_thread()] * requests
+
+
+def test_two_requests_at_concurrency_two_are_in_flight_together_on_named_threads() -> None:
+    """Requests run on threads named request_<n> (log lines say which), two at once when two are allowed."""
+    barrier, names = threading.Barrier(2, timeout=5), []
+
+    def send(ids: Sequence[str], texts: Sequence[str]) -> Outcome:
+        names.append(threading.current_thread().name)
+        barrier.wait()  # BrokenBarrierError unless both requests are in flight together
+        return Outcome(ids=list(ids), vectors=[unit_vectors(list(ids), 4)], calls=1)
+
+    out = send_requests(["a", "b"], ["a", "b"], [[0], [1]], send, concurrency=2)
+    assert out.ids == ["a", "b"] and len(names) == 2 and all(n.startswith("request_") for n in names)
+
+
+def test_an_error_propagates_only_after_the_requests_in_flight_have_ended() -> None:
+    """No request thread outlives send_requests: a failing batch waits for the requests already in flight."""
+    ended: list[str] = []
+    started = threading.Barrier(2, timeout=10)
+
+    def send(ids: Sequence[str], texts: Sequence[str]) -> Outcome:
+        started.wait()
+        if ids[0] == "c0":
+            raise EmbeddingConfigError("401 from the provider")
+        time.sleep(0.2)
+        ended.append(ids[0])
+        return Outcome(ids=list(ids), vectors=[unit_vectors(list(ids), 4)], calls=1)
+
+    with pytest.raises(EmbeddingConfigError):
+        send_requests(["c0", "c1"], ["c0", "c1"], [[0], [1]], send, concurrency=2)
+    assert ended == ["c1"]
 
 
 def test_an_error_resending_cannot_fix_propagates_and_stops_the_rest() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -72,6 +73,22 @@ def test_a_pairs_fault_is_a_pure_function_of_chunk_model_and_seed(
     assert plan.transient_failures(cid, model) == twin.transient_failures(cid, model)
     assert (plan.transient_failures(cid, model) > 0) == (plan.fault(cid, model) is Fault.TRANSIENT)
     assert plan.transient_failures(cid, model) <= plan.max_transient_failures
+
+
+@given(fault_plans, models, st.text(max_size=30))
+def test_a_pairs_fault_is_read_from_sha256_of_seed_model_and_chunk_id(plan: FaultPlan, model: str, cid: str):
+    """The definition, in plain Python (so a recorded run's faults reproduce in any release): d = sha256 of
+    "seed␟model␟chunk id"; u = d[:8] big-endian / 2^64 decides permanent (u < fail_rate), transient (u < both
+    rates) or ok; a transient pair fails 1 + d[8] mod max_transient_failures times."""
+    digest = hashlib.sha256(f"{plan.seed}\x1f{model}\x1f{cid}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < plan.fail_rate:
+        expected, failures = Fault.PERMANENT, 0
+    elif u < plan.fail_rate + plan.transient_rate:
+        expected, failures = Fault.TRANSIENT, 1 + digest[8] % plan.max_transient_failures
+    else:
+        expected, failures = Fault.OK, 0
+    assert (plan.fault(cid, model), plan.transient_failures(cid, model)) == (expected, failures)
 
 
 @given(fault_plans, models, chunk_ids(min_size=1), st.data())
@@ -203,6 +220,19 @@ def test_without_retry_after_backoff_is_jittered_exponential_and_capped(
     assert len(slept) == k
     for attempt, delay in enumerate(slept):
         assert 0 <= delay <= min(1.0, base * 2**attempt)
+
+
+def test_without_an_rng_the_jittered_delays_are_the_same_on_every_run() -> None:
+    """The default jitter is seeded: a run (and a spec) that retries waits the same delays every time."""
+    ids = [f"c{i}" for i in range(4)]
+    mask = {(i, "m"): Fate(transient=3) for i in ids}
+    runs = []
+    for _ in range(2):
+        slept: list[float] = []
+        embed_resiliently(ids, ids, MaskedCall(mask, "m"), backoff=Backoff(base=1.0, cap=8.0, max_attempts=4),
+                          sleep=slept.append)  # fmt: skip
+        runs.append(slept)
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
 
 
 @given(chunk_ids(min_size=1, max_size=8), st.integers(1, 4))

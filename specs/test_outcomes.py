@@ -63,6 +63,21 @@ def test_the_reason_names_the_share_and_the_first_error_of_each_kind(summary, sh
         assert f"{kind} ({summary['failures_by_kind'][kind]}): {first['error']}" in reason
 
 
+def test_the_reason_reads_the_share_then_the_first_error_of_each_kind_cut_at_200_characters():
+    """Known answer: "F of E ... failed (share), above max_failed_share=S; first errors: kind (n): error [id x model]; ..."."""
+    failures = [
+        {"chunk_id": "c0", "model": "m", "kind": "rejected", "error": "x" * 250},
+        {"chunk_id": "c1", "model": "m", "kind": "oversize", "error": "too long"},
+        {"chunk_id": "c2", "model": "m", "kind": "rejected", "error": "later"},
+    ]
+    summary = {"expected": 8, "failed": 3, "succeeded": 5, "failures": failures,
+               "failures_by_kind": {"rejected": 2, "oversize": 1}}  # fmt: skip
+    assert over_budget(summary, 0.25) == (
+        "3 of 8 chunk x model pairs failed (37.5%), above max_failed_share=0.25; first errors: "
+        f"oversize (1): too long [c1 x m]; rejected (2): {'x' * 200} [c0 x m]"
+    )
+
+
 def test_an_empty_corpus_is_not_a_failure():
     """Nothing to embed is within budget (and the run succeeds with 0 pairs)."""
     empty = {"expected": 0, "failed": 0, "succeeded": 0, "failures": [], "failures_by_kind": {}}

@@ -7,15 +7,26 @@ the key) fails that instance without retries, and the rest of the run learns it 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 
+from pipeline import preflight
 from pipeline.emulator import Emulator, EmulatorConfig
-from pipeline.preflight import PreflightError, check, check_writable, connection_id
+from pipeline.preflight import (
+    PreflightError,
+    check,
+    check_connection,
+    check_connections_from_environment,
+    check_model,
+    check_writable,
+    connection_id,
+)
 from pipeline.runner import EMBED_TASK, RunError
 from pipeline.settings import Settings
 from specs.commandline import AS_PLAIN_USER, assert_one_line_error, cli, migrated_home
@@ -54,6 +65,71 @@ def test_a_writable_location_is_left_as_it_was_found(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
+@pytest.mark.parametrize("setting", ["work_dir", "store_uri", "report_path"])
+def test_each_unwritable_local_location_is_named_by_its_setting(tmp_path, corpus, setting):
+    """work_dir, store_uri and report_path's folder are each probed, and a failure names that setting."""
+    good = {
+        "work_dir": str(tmp_path / "w"),
+        "store_uri": str(tmp_path / "s"),
+        "report_path": str(tmp_path / "r.json"),
+    }
+    bad = "/proc/nope/r.json" if setting == "report_path" else "/proc/nope"
+    with pytest.raises(PreflightError) as caught:
+        check(Settings(corpus_dir=str(corpus), **(good | {setting: bad})), connections=False)
+    assert str(caught.value) == (
+        f"{setting}='/proc/nope' cannot be written (No such file or directory); pass a folder you can write to"
+    )
+
+
+def test_without_connections_nothing_remote_is_checked_and_nothing_probed_locally(corpus, monkeypatch):
+    """connections=False (the CLI before a home exists): s3:// locations and API connections are left alone."""
+    monkeypatch.chdir("/proc")  # a local probe of an s3:// path (relative: "s3:/b/...") would fail here
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    remote = {"work_dir": "s3://b/w", "store_uri": "s3://b/s", "report_path": "s3://b/r/report.json"}
+    check(Settings(corpus_dir=str(corpus), models=("openai:m@no_such_conn",), **remote), connections=False)
+
+
+def test_by_default_api_connections_are_checked(tmp_path, corpus, monkeypatch):
+    """check() looks connections up unless told not to (the DAG's first task, the CLI with a home)."""
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    settings = Settings(
+        corpus_dir=str(corpus), models=("openai:m@no_such_conn",), work_dir=str(tmp_path / "w")
+    )
+    with pytest.raises(
+        PreflightError, match="^models: openai:m@no_such_conn: Airflow connection 'no_such_conn'"
+    ):
+        check(settings)
+    with pytest.raises(
+        PreflightError, match="^models: openai:m@no_such_conn: Airflow connection 'no_such_conn'"
+    ):
+        check_model("openai:m@no_such_conn")  # what a task calls when its model fails to load
+
+
+def test_object_storage_locations_are_probed_through_their_connection_and_named(
+    tmp_path, corpus, monkeypatch
+):
+    """With connections, each s3:// location is probed with the settings' connection; a failure names the setting."""
+    from pipeline import object_storage
+
+    probed = []
+
+    def check_location(
+        uri: str, conn_id: str
+    ) -> None:  # the S3 probe itself is specified in test_object_storage
+        probed.append((uri, conn_id))
+        if uri.startswith("s3://denied"):
+            raise object_storage.ObjectStorageError(f"{uri} (connection '{conn_id}'): access denied")
+
+    monkeypatch.setattr(object_storage, "check_location", check_location)
+    settings = Settings(
+        corpus_dir=str(corpus), work_dir="s3://ok/w", store_uri="s3://denied/s", object_storage_conn_id="s3c"
+    )
+    with pytest.raises(PreflightError) as caught:
+        check(settings)
+    assert str(caught.value) == "store_uri: s3://denied/s (connection 's3c'): access denied"
+    assert probed == [("s3://ok/w", "s3c"), ("s3://denied/s", "s3c")]
+
+
 def test_checks_run_corpus_first_then_models_then_paths(tmp_path, corpus):
     """The first problem is reported: a missing corpus before an unwritable store."""
     with pytest.raises(PreflightError, match="^corpus_dir: "):
@@ -66,6 +142,124 @@ def test_checks_run_corpus_first_then_models_then_paths(tmp_path, corpus):
 def test_an_api_model_names_its_connection(name, conn):
     """openai:<model>[@<conn_id>] uses <conn_id>, default embedding_api."""
     assert connection_id(name) == conn
+
+
+class Conn:
+    """What preflight reads of an Airflow connection: host, password, extra_dejson."""
+
+    def __init__(self, host: str | None = "http://127.0.0.1:9/v1", password: str | None = "k", extra=None):
+        self.host, self.password, self.extra_dejson = host, password, extra or {}
+
+
+def lookup(conn: Conn | Exception, conn_id: str = "mine"):
+    """A connection lookup (Airflow's ``get_connection``) that holds only ``conn_id``: ``conn``, or raises it."""
+
+    def get_connection(asked: str) -> Conn:
+        if asked != conn_id:
+            raise KeyError(f"The conn_id `{asked}` isn't defined")
+        if isinstance(conn, Exception):
+            raise conn
+        return conn
+
+    return get_connection
+
+
+def test_a_complete_connection_passes_and_a_base_url_in_extra_stands_for_the_host():
+    """A connection with an endpoint (host, or extra.base_url) and a key is accepted, with or without extras."""
+    check_connection("openai:m@mine", lookup(Conn()))
+    check_connection("openai:m@mine", lookup(Conn(host="  ", extra={"base_url": "http://127.0.0.1:9/v1"})))
+    check_connection(
+        "openai:m@mine", lookup(types.SimpleNamespace(host="http://127.0.0.1:9/v1", password="k"))
+    )
+
+
+@pytest.mark.parametrize("how", ["airflow", "airflow-type-other-message", "secrets-backend-message"])
+def test_a_missing_connection_names_it_and_both_ways_to_create_it(how, monkeypatch):
+    """A connection that does not exist: one line with its id, `airflow connections add` and AIRFLOW_CONN_<ID>."""
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    if how == "airflow":  # Airflow's own lookup: AirflowNotFoundException (its message differs by version)
+        get_connection = None
+    elif how == "airflow-type-other-message":  # recognised by its type whatever it says
+        from airflow.exceptions import AirflowNotFoundException
+
+        get_connection = lookup(AirflowNotFoundException("no_such_conn: not found"), "no_such_conn")
+    else:  # a secrets backend's own error type, with Airflow's wording
+        get_connection = lookup(KeyError("The conn_id `no_such_conn` isn't defined"))
+    with pytest.raises(PreflightError) as caught:
+        check_connection("openai:m@no_such_conn", get_connection)
+    assert str(caught.value) == (
+        "models: openai:m@no_such_conn: Airflow connection 'no_such_conn' does not exist; create it with "
+        "`airflow connections add no_such_conn --conn-type http --conn-host <base URL> --conn-password <key>` "
+        "or set AIRFLOW_CONN_NO_SUCH_CONN"
+    )
+
+
+def test_an_unreadable_connection_says_so_with_the_lookups_error():
+    """Any other lookup error (a secrets backend down) is named with the connection id and the error."""
+    with pytest.raises(PreflightError) as caught:
+        check_connection("openai:m", lookup(OSError("vault unreachable"), "embedding_api"))
+    assert (
+        str(caught.value)
+        == "models: openai:m: cannot read Airflow connection 'embedding_api': vault unreachable"
+    )
+
+
+@pytest.mark.parametrize(
+    ("conn", "message"),
+    [
+        (Conn(host=None), "has no host; set it to the base URL (e.g. https://api.openai.com/v1)"),
+        (Conn(host=" "), "has no host; set it to the base URL (e.g. https://api.openai.com/v1)"),
+        (
+            Conn(password=""),
+            "has no API key; set its password (any placeholder for an endpoint without authentication)",
+        ),
+    ],
+)
+def test_a_connection_without_endpoint_or_key_names_the_field_to_set(conn, message):
+    """No host (nor extra.base_url) or no password: one line naming the connection and the field to set."""
+    with pytest.raises(PreflightError) as caught:
+        check_connection("openai:m@mine", lookup(conn))
+    assert str(caught.value) == f"models: openai:m@mine: Airflow connection 'mine' {message}"
+
+
+def test_before_a_new_home_exists_only_the_environment_can_hold_api_connections(monkeypatch):
+    """A new Airflow home has no connections: an API model needs AIRFLOW_CONN_<ID> (or a secrets backend)."""
+    monkeypatch.delenv("AIRFLOW__SECRETS__BACKEND", raising=False)
+    monkeypatch.delenv("AIRFLOW_CONN_MINE", raising=False)
+    check_connections_from_environment(["hash-words-256", "minilm"])  # local models need no connection
+    with pytest.raises(PreflightError, match=r"^models: openai:m@mine: Airflow connection 'mine' does not exist \(the "
+                       r"Airflow home is new and AIRFLOW_CONN_MINE is not set\); create it with `airflow "
+                       r"connections add mine --conn-type http --conn-host <base URL> --conn-password <key>` or "
+                       r"set that variable$"):  # fmt: skip
+        check_connections_from_environment(["hash-words-256", "openai:m@mine"])
+    monkeypatch.setenv("AIRFLOW_CONN_MINE", "{}")
+    check_connections_from_environment(["openai:m@mine"])
+    monkeypatch.delenv("AIRFLOW_CONN_MINE")
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", "some.Backend")
+    check_connections_from_environment(["openai:m@mine"])
+
+
+def test_an_api_model_without_the_openai_extra_names_what_to_install(monkeypatch):
+    """An API model whose client libraries are missing names them and the pip command (before any connection)."""
+    monkeypatch.setattr(
+        preflight, "OPENAI_MODULES", ("pyrate_limiter", "no_such_module_a", "no_such_module_b")
+    )
+    with pytest.raises(PreflightError) as caught:
+        check_model("openai:m", connections=True)
+    assert str(caught.value) == (
+        "models: openai:m needs the openai extra (no_such_module_a, no_such_module_b missing): pip install '.[openai]'"
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is not None, reason="needs an environment without the minilm extra"
+)
+def test_minilm_without_its_extra_names_the_install_command():
+    """minilm without torch/transformers: one line naming the model, what is missing and the pip command."""
+    with pytest.raises(
+        PreflightError, match=r"^models: minilm: torch, transformers not installed; .*pip install"
+    ):
+        check_model("minilm")
 
 
 # --- the CLI: one line, exit code 2, nothing started ----------------------------------------------------------

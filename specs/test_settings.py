@@ -207,9 +207,9 @@ def test_a_none_param_does_not_stop_the_ones_after_it() -> None:
     assert (settings.batch_size, settings.chunk_tokens, settings.chunk_overlap) == ("auto", 50, 5)
 
 
-@pytest.mark.parametrize("name", ["fail_rate", "transient_rate", "backoff_seconds"])
+@pytest.mark.parametrize("name", ["fail_rate", "transient_rate", "backoff_seconds", "max_failed_share"])
 def test_fractional_settings_accept_numeric_strings(name: str) -> None:
-    """Rates and the backoff given as strings (the trigger form's text fields) become floats."""
+    """Rates, the backoff and the failure budget given as strings (the trigger form's text fields) become floats."""
     settings = Settings.from_params({"corpus_dir": "c", name: "0.25"})
     assert getattr(settings, name) == 0.25 and isinstance(getattr(settings, name), float)
 

@@ -46,6 +46,34 @@ def test_staged_vectors_read_back_with_their_ids(tmp_path_factory, ids: list[str
     assert got.dtype == np.float32 and np.array_equal(got, vectors)
 
 
+def test_a_staged_file_holding_pickled_objects_is_refused_not_unpickled(tmp_path) -> None:
+    """Staged files are read without pickle: a file with Python objects in it cannot run code in a task."""
+    np.savez(tmp_path / "v.npz", ids=np.array([{"not": "an id"}], dtype=object), vectors=np.eye(1))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        staging.read_vectors(str(tmp_path / "v.npz"))
+
+
+def test_vectors_of_any_float_type_are_staged_as_float32(tmp_path) -> None:
+    """An encoder's float64 rows are staged (and read back) as float32, the store's type, at half the bytes."""
+    vectors = np.array([[1 / 3, 2 / 3], [0.1, 0.7]], dtype=np.float64)
+    staging.write_vectors(str(tmp_path / "v.npz"), ["a", "b"], vectors)
+    ids, got = staging.read_vectors(str(tmp_path / "v.npz"))
+    assert ids == ["a", "b"] and got.dtype == np.float32 and np.array_equal(got, vectors.astype(np.float32))
+
+
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60))
+def test_a_report_written_as_text_reads_back_the_same_into_a_folder_made_for_it(
+    tmp_path_factory, text
+) -> None:
+    """write_text creates the report's folders and stores UTF-8; read_text returns it, and None for no file."""
+    base = tmp_path_factory.mktemp("report")
+    uri = str(base / "reports" / "run" / "report.json")
+    assert staging.read_text(uri) is None
+    staging.write_text(uri, text)
+    assert staging.read_text(uri) == text
+    assert (base / "reports" / "run" / "report.json").read_bytes() == text.encode("utf-8")
+
+
 @pytest.mark.smoke
 def test_a_file_url_stages_through_airflows_object_storage_path(tmp_path) -> None:
     """A ``file://`` work dir goes through Airflow's ObjectStoragePath (as ``s3://`` would) and reads back the same."""

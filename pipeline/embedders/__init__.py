@@ -38,9 +38,9 @@ DEFAULT_MODELS = ("hash-words-256", "hash-chars-384")
 
 
 def _minilm() -> Embedder:
-    from pipeline.embedders.minilm import MINILM_DIM, load_minilm
+    from pipeline.embedders.minilm import minilm_embedder  # torch and the weights load only when asked for
 
-    return Embedder("minilm", MINILM_DIM, load_minilm())
+    return minilm_embedder()
 
 
 _FACTORIES: dict[str, Callable[[], Embedder]] = {

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
+    from pipeline.embedders.base import Embedder
+
 MINILM_DIM = 384
 # sentence_bert_config.json says 256; tokenizer_config.json says 512 and tokenizer.json 128, so the value is
 # pinned here rather than read from the tokenizer: 256 is what the model was trained and published with.
@@ -50,6 +52,13 @@ def check_available() -> None:
     absent = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if absent:
         raise ImportError(f"model files {', '.join(absent)} missing under {path}; reinstall: {_INSTALL_HINT}")
+
+
+def minilm_embedder() -> Embedder:
+    """all-MiniLM-L6-v2 as the registry's ``minilm`` model (loads the weights: seconds)."""
+    from pipeline.embedders.base import Embedder
+
+    return Embedder("minilm", MINILM_DIM, load_minilm())
 
 
 def _offline() -> None:

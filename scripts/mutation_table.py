@@ -1,0 +1,75 @@
+"""Print the per-module mutation table of docs/mutation.md from mutmut's results (run after `mutmut run`).
+
+    python scripts/mutation_table.py [--results FILE]
+
+Reads `mutmut results --all true` (or a saved copy of its output) and the mutants docs/mutation.md lists as
+equivalent (rows "| `pipeline.<module>.<mutant>` | reason |"), and prints one markdown row per module:
+mutants, killed (a spec failed), timeouts, survived (not equivalent), equivalent, no pure spec (no spec in the
+mutation selection reaches the function), not run (the run stopped first), other (suspicious, crashed),
+score = (killed + timeouts) / (mutants - equivalent - not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "mutation.md"
+LINE = re.compile(r"^\s*(pipeline\.\S+__mutmut_\d+): (.+)$")
+EQUIVALENT = re.compile(r"^\| `(pipeline\.\S+__mutmut_\d+)` \|", re.M)
+COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "not checked", "other")
+
+
+def module_of(mutant: str) -> str:
+    """pipeline.embedders.hashing.x_hash__mutmut_3 -> pipeline/embedders/hashing.py (x_ / xǁ start the function)."""
+    module = mutant.rsplit(".", 1)[0].replace(".", "/")
+    return f"{module}/__init__.py" if (ROOT / module).is_dir() else f"{module}.py"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", help="a saved `mutmut results --all true` output (default: run it)")
+    args = parser.parse_args()
+    if args.results:
+        text = Path(args.results).read_text()
+    else:
+        text = subprocess.run(
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    equivalent = set(EQUIVALENT.findall(DOC.read_text())) if DOC.exists() else set()
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in text.splitlines():
+        match = LINE.match(line)
+        if not match:
+            continue
+        mutant, status = match.groups()
+        if status == "survived" and mutant in equivalent:
+            status = "equivalent"
+        counts[module_of(mutant)][status if status in COLUMNS else "other"] += 1
+    print(
+        "| module | mutants | killed | timeouts | survived | equivalent | no pure spec | not run | other | score |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    total: collections.Counter[str] = collections.Counter()
+    for module in sorted(counts):
+        total.update(counts[module])
+        print(row(f"`{module}`", counts[module]))
+    print(row("**all**", total))
+
+
+def row(label: str, c: collections.Counter[str]) -> str:
+    n = sum(c.values())
+    scored = n - c["equivalent"] - c["not checked"]  # of the mutants that ran
+    score = f"{(c['killed'] + c['timeout']) / scored:.1%}" if scored else "–"
+    cells = [c[k] for k in COLUMNS]
+    return f"| {label} | {n} | " + " | ".join(str(x) for x in cells) + f" | {score} |"
+
+
+if __name__ == "__main__":
+    main()
