@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.corpus import DEFAULT_EXTENSIONS, DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, validate_models
 from pipeline.faults import FaultPlan
+from pipeline.sync import CLEANUP_MODES
 
 
 class SettingsError(ValueError):
@@ -41,6 +42,9 @@ class Settings:
     compare_max_chunks: int = 2000
     # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
     max_failed_share: float = 0.5
+    # Incremental sync (pipeline.sync): which stored vectors the run removes, and the guard's override.
+    cleanup: str = "incremental"
+    force_cleanup: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
@@ -58,6 +62,8 @@ class Settings:
         need(self.backoff_seconds >= 0, "backoff_seconds", "must be >= 0")
         need(self.compare_max_chunks >= 2, "compare_max_chunks", "must be >= 2")
         need(0 <= self.max_failed_share <= 1, "max_failed_share", "must be between 0 and 1")
+        need(self.cleanup in CLEANUP_MODES, "cleanup", f"use one of {', '.join(CLEANUP_MODES)}")
+        need(isinstance(self.force_cleanup, bool), "force_cleanup", "expected true or false")
         need(bool(self.extensions), "extensions", "list at least one file extension, e.g. .txt")
         try:
             object.__setattr__(self, "models", tuple(validate_models(list(self.models))))

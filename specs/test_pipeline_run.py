@@ -152,19 +152,23 @@ def test_failures_are_exactly_the_planned_permanent_faults(base):
 
 
 def test_failures_do_not_depend_on_batch_size(base, rerun):
-    """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
+    """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs (the re-run re-sends only those)."""
     assert base["settings"]["batch_size"] == 4 and rerun["settings"]["batch_size"] == 1
-    assert rerun["batches"]["count"] == rerun["chunks"] == base["chunks"]
+    assert rerun["batches"]["count"] == len({cid for cid, _ in failed_pairs(base)}) < base["chunks"]
     assert failed_pairs(rerun) == failed_pairs(base)
 
 
-def test_rerun_upserts_without_adding_vectors(base, rerun):
-    """Re-running the same corpus into the same store inserts nothing and leaves the vector count unchanged."""
+def test_rerun_sends_only_the_failed_pairs_and_adds_no_vectors(base, rerun):
+    """Re-running the same corpus into the same store skips every stored pair, re-sends only the failed ones
+    (failing again: same fault plan), and leaves the store as it was, verified."""
     assert rerun["store"]["uri"] == base["store"]["uri"]
-    assert rerun["store"]["inserted"] == 0
-    assert rerun["store"]["updated"] == rerun["embeddings"]["succeeded"] == base["embeddings"]["succeeded"]
+    assert (rerun["store"]["inserted"], rerun["store"]["updated"]) == (0, 0)
+    assert rerun["embeddings"]["skipped"] == base["embeddings"]["succeeded"] == rerun["sync"]["skipped"]
+    assert rerun["embeddings"]["failed"] == base["embeddings"]["failed"]
+    assert rerun["sync"]["embedded"] == rerun["sync"]["deleted"] == 0
     assert rerun["store"]["vectors"] == base["store"]["vectors"]
     assert rerun["store"]["per_model"] == base["store"]["per_model"]
+    assert base["store"]["verified"] and rerun["store"]["verified"]
 
 
 # XCom of the run-level tasks (settings, chunk set, plan, summary, ...): it does not grow with the corpus.

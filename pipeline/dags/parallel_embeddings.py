@@ -1,8 +1,8 @@
 """
 ### Parallel embeddings
 
-Embed a document corpus with dynamic task mapping: discover → chunk → plan batches →
-**embed[batch × model]** → aggregate → upsert → compare → report.
+Embed a document corpus with dynamic task mapping: discover → chunk → select pending → plan batches →
+**embed[batch × model]** → aggregate → upsert (+ cleanup, verify) → compare → report.
 
 * `granularity=batch` (default): one mapped task instance per batch × model, via `map_batches`.
 * `granularity=chunk`: one mapped task instance per chunk × model.
@@ -45,6 +45,10 @@ PARAMS = {
     "fail_seed": Param(0, type="integer", description="Seed of the injected failure set"),
     "max_failed_share": Param(0.5, type="number", minimum=0, maximum=1,
                               description="The run fails above this share of failed chunk x model pairs"),
+    "cleanup": Param("incremental", type="string", enum=["none", "incremental", "full"],
+                     description="Remove stored vectors of chunks gone from the documents read (incremental), "
+                                 "also of documents gone from the corpus (full), or none"),
+    "force_cleanup": Param(False, type="boolean", description="Allow a cleanup of more than half of the store"),
     "work_dir": Param("work", type="string", description="Staging, reports and default store location"),
     "store_uri": Param("", type="string", description="LanceDB URI; empty: <work_dir>/store"),
     "report_path": Param("", type="string", description="Report JSON path; empty: <work_dir>/reports/<run>.json"),
@@ -118,6 +122,17 @@ def parallel_embeddings():
         s = _settings(settings)
         return steps.chunk_documents(s, documents, _run_dir(s))
 
+    @task(multiple_outputs=False)
+    def select_pending(settings: dict, chunk_set: dict, models: list) -> dict:
+        """Stage only the chunks some model lacks in the store (+ a per-model mask): a re-run maps only those."""
+        from pipeline import sync, sync_steps
+
+        s = _settings(settings)
+        try:
+            return sync_steps.select_pending(s, chunk_set, models, _run_dir(s))
+        except sync.CleanupRefused as exc:  # the same corpus would be refused again: no retries
+            fail_task(str(exc))
+
     @task(map_index_template="{{ map_label }}", pool=EMBED_POOL, multiple_outputs=False)
     def embed_batch(settings: dict, chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
@@ -156,9 +171,13 @@ def parallel_embeddings():
     @task(multiple_outputs=False)
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
         from pipeline import steps
+        from pipeline.sync_steps import VerifyError
 
         s = _settings(settings)
-        return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s))
+        try:
+            return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s))
+        except VerifyError as exc:  # store and run disagree after the write: say so, don't retry it away
+            fail_task(str(exc))
 
     @task
     def compare_models(settings: dict, summary: dict, models: list) -> list:
@@ -186,16 +205,17 @@ def parallel_embeddings():
     models = list_models(settings)
     documents = discover_documents(settings)
     chunk_set = chunk_documents(settings, documents)
+    pending = select_pending(settings, chunk_set, models)
     plan, results = map_batches(
-        embed_batch.partial(settings=settings, chunk_set=chunk_set),
-        chunk_set,
+        embed_batch.partial(settings=settings, chunk_set=pending),
+        pending,
         batch_size=settings["effective_batch_size"],
         max_tokens=settings["max_batch_tokens"],
         grow=settings["batches_may_grow"],
         model=models,
     )
-    summary = aggregate_results(settings, chunk_set, plan, models, results)
-    stored = upsert_vectors(settings, chunk_set, summary, models)
+    summary = aggregate_results(settings, pending, plan, models, results)
+    stored = upsert_vectors(settings, pending, summary, models)
     comparison = compare_models(settings, summary, models)
     write_report(settings, documents, chunk_set, plan, summary, stored, comparison)
 
