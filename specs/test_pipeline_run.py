@@ -80,15 +80,15 @@ def base(shared_run):
 
 @pytest.fixture(scope="module")
 def rerun(shared_run, base):
-    """The same corpus again, into the base run's store, in batches of 1."""
+    """The same corpus again, into a fresh store, in batches of 1."""
+    return shared_run("rerun", hostile_corpus, models=MODELS, batch_size=1, **CHUNKING, **FAULTS)
+
+
+@pytest.fixture(scope="module")
+def resume(shared_run, base):
+    """The same corpus again, into the base run's store, without injected faults: the failed pairs now pass."""
     return shared_run(
-        "rerun",
-        hostile_corpus,
-        models=MODELS,
-        batch_size=1,
-        store_uri=base["store"]["uri"],
-        **CHUNKING,
-        **FAULTS,
+        "resume", hostile_corpus, models=MODELS, batch_size=4, store_uri=base["store"]["uri"], **CHUNKING
     )
 
 
@@ -152,23 +152,29 @@ def test_failures_are_exactly_the_planned_permanent_faults(base):
 
 
 def test_failures_do_not_depend_on_batch_size(base, rerun):
-    """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs (the re-run re-sends only those)."""
+    """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
     assert base["settings"]["batch_size"] == 4 and rerun["settings"]["batch_size"] == 1
-    assert rerun["batches"]["count"] == len({cid for cid, _ in failed_pairs(base)}) < base["chunks"]
+    assert rerun["batches"]["count"] == rerun["chunks"] == base["chunks"]
     assert failed_pairs(rerun) == failed_pairs(base)
 
 
-def test_rerun_sends_only_the_failed_pairs_and_adds_no_vectors(base, rerun):
-    """Re-running the same corpus into the same store skips every stored pair, re-sends only the failed ones
-    (failing again: same fault plan), and leaves the store as it was, verified."""
-    assert rerun["store"]["uri"] == base["store"]["uri"]
-    assert (rerun["store"]["inserted"], rerun["store"]["updated"]) == (0, 0)
-    assert rerun["embeddings"]["skipped"] == base["embeddings"]["succeeded"] == rerun["sync"]["skipped"]
-    assert rerun["embeddings"]["failed"] == base["embeddings"]["failed"]
-    assert rerun["sync"]["embedded"] == rerun["sync"]["deleted"] == 0
-    assert rerun["store"]["vectors"] == base["store"]["vectors"]
-    assert rerun["store"]["per_model"] == base["store"]["per_model"]
-    assert base["store"]["verified"] and rerun["store"]["verified"]
+def test_a_rerun_after_failures_embeds_exactly_the_failed_pairs(base, resume):
+    """Re-running into the same store sends only the pairs that failed (read back from the staged vectors of the
+    re-run), skips every stored one, inserts them, and leaves every chunk x model pair stored once, verified."""
+    from pipeline import staging
+
+    work = Path(resume["settings"]["work_dir"])
+    sent = set()
+    for path in work.glob("runs/*/vectors/*/*.npz"):
+        model = next(m for m in MODELS if path.parent.name.endswith(m))
+        sent |= {(cid, model) for cid in staging.read_vectors(str(path))[0]}
+    assert sent == failed_pairs(base) == {(cid, m) for cid, m in planned_permanent_failures()}
+    assert resume["sync"]["embedded"] == resume["embeddings"]["succeeded"] == len(sent)
+    assert resume["embeddings"]["skipped"] == resume["sync"]["skipped"] == base["embeddings"]["succeeded"]
+    assert resume["embeddings"]["failed"] == 0
+    assert (resume["store"]["inserted"], resume["store"]["updated"]) == (len(sent), 0)
+    assert resume["store"]["vectors"] == base["chunks"] * len(MODELS)
+    assert base["store"]["verified"] and resume["store"]["verified"]
 
 
 # XCom of the run-level tasks (settings, chunk set, plan, summary, ...): it does not grow with the corpus.
