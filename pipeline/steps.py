@@ -60,10 +60,15 @@ def chunk_documents(settings: Settings, documents: Mapping[str, Any], directory:
                 rejected.append(vars(text))
                 continue
             embedded += 1
-            yield from chunk_text(
-                rel, text, max_tokens=settings.chunk_tokens, overlap=settings.chunk_overlap,
-                fits=fits if windows else None,
-            )  # fmt: skip
+            pieces = chunk_text(rel, text, max_tokens=settings.chunk_tokens, overlap=settings.chunk_overlap)
+            texts = [c.text for c in pieces]
+            if any(max(count(texts), default=0) > limit for limit, count in windows.values()):
+                # Some chunk is longer than a model reads (counted in one batch per model): re-split this
+                # document, checking each chunk as it is cut.
+                pieces = chunk_text(
+                    rel, text, max_tokens=settings.chunk_tokens, overlap=settings.chunk_overlap, fits=fits
+                )
+            yield from pieces
 
     chunk_set = staging.write_chunk_set(f"{directory}/chunks", chunks())
     log.info("%d chunks (%d tokens) from %d documents", chunk_set["count"], chunk_set["tokens"], embedded)

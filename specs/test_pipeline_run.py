@@ -151,6 +151,33 @@ def test_failures_are_exactly_the_planned_permanent_faults(base):
     assert {f["kind"] for f in base["failures"]} == {"rejected"}
 
 
+@pytest.fixture(scope="module")
+def unchanged(shared_run, resume):
+    """The same corpus a third time, into the completed store."""
+    return shared_run(
+        "unchanged", hostile_corpus, models=MODELS, batch_size=4, store_uri=resume["store"]["uri"], **CHUNKING
+    )
+
+
+def test_an_unchanged_rerun_makes_no_embedding_call_and_maps_nothing(base, unchanged):
+    """Every pair is stored: the plan is empty, no embed task instance runs, no request is sent, nothing is
+    written or deleted, and the store still verifies."""
+    assert unchanged["batches"]["count"] == unchanged["mapped_task_instances"] == 0
+    embed = [t for t in unchanged["task_instances"] if t["task_id"] == EMBED_TASK]
+    assert {t["state"] for t in embed} <= {"skipped"}
+    assert (
+        unchanged["embeddings"]["calls"] == unchanged["sync"]["embedded"] == unchanged["sync"]["deleted"] == 0
+    )
+    assert (
+        unchanged["embeddings"]["skipped"]
+        == unchanged["embeddings"]["expected"]
+        == base["chunks"] * len(MODELS)
+    )
+    assert (unchanged["store"]["inserted"], unchanged["store"]["updated"]) == (0, 0)
+    assert unchanged["store"]["vectors"] == base["chunks"] * len(MODELS)
+    assert unchanged["store"]["verified"] and unchanged["dag_run"]["state"] == "success"
+
+
 def test_failures_do_not_depend_on_batch_size(base, rerun):
     """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
     assert base["settings"]["batch_size"] == 4 and rerun["settings"]["batch_size"] == 1
