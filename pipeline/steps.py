@@ -15,7 +15,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline import aggregate, compare, corpus, staging, store
+import numpy as np
+
+from pipeline import aggregate, compare, corpus, staging, store, sync_steps
 from pipeline.chunking import chunk_text
 from pipeline.embedders import Embedder, EmbeddingConfigError, get_embedder, input_window
 from pipeline.faults import FaultyCall
@@ -242,25 +244,22 @@ def aggregate_results(
     return summary
 
 
-def upsert_vectors(
-    settings: Settings,
-    chunk_set: Mapping[str, Any],
-    summary: Mapping[str, Any],
-    models: Sequence[str],
-    directory: str,
-) -> dict[str, Any]:
-    """Write the run's vectors, clean up, verify the store (see :func:`pipeline.sync_steps.apply`)."""
-    from pipeline.sync_steps import apply
-
-    return apply(settings, chunk_set, summary, models, directory)
+# Write the run's vectors, clean up, verify the store: the DAG's upsert task (see pipeline.sync_steps).
+upsert_vectors = sync_steps.upsert_vectors
 
 
 def compare_models(
-    settings: Settings, summary: Mapping[str, Any], models: Sequence[str], directory: str
+    settings: Settings, chunk_set: Mapping[str, Any], models: Sequence[str]
 ) -> list[dict[str, Any]]:
-    from pipeline.sync_steps import staged_vectors
-
-    loaded = {m: staged_vectors(directory, summary, m) for m in models}
+    """Score each model pair on the corpus's chunks as the store holds them after the upsert (a re-run that
+    embedded nothing still compares the whole corpus)."""
+    ids = [c.id for c in staging.read_chunks(dict(chunk_set.get("corpus") or chunk_set))]
+    ids = compare.sample_ids(sorted(ids), settings.compare_max_chunks)
+    loaded = {}
+    for m in models:
+        found = store.read_vectors(settings.store_uri, m, ids)
+        kept = [i for i in ids if i in found]
+        loaded[m] = (kept, np.stack([found[i] for i in kept]) if kept else np.zeros((0, 1), np.float32))
     return [
         {"models": [a, b]} | compare.compare_pair(*loaded[a], *loaded[b], limit=settings.compare_max_chunks)
         for a, b in itertools.combinations(models, 2)

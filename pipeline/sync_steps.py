@@ -2,7 +2,7 @@
 
 :func:`select_pending` reads the store's index per model and stages the *pending* chunk set (chunks some model
 must embed, in the staged format the plan and ``embed_batch`` read) with a per-model mask, so an unchanged re-run
-plans nothing. :func:`apply` writes the new vectors and the reused ones, then deletes what the cleanup removes
+plans nothing. :func:`upsert_vectors` writes the new vectors and the reused ones, then deletes what the cleanup removes
 (a new document version is in the store before its old vectors go), then compares the store's ids with the
 ids the run expects. The decisions themselves are :mod:`pipeline.sync` (pure).
 """
@@ -71,7 +71,7 @@ def select_pending(
     return pending | {"corpus": {k: chunk_set[k] for k in ("uri", "count", "tokens")}, "sync": sync_counts}
 
 
-def staged_vectors(directory: str, summary: Mapping[str, Any], model: str) -> tuple[list[str], np.ndarray]:
+def _staged_vectors(directory: str, summary: Mapping[str, Any], model: str) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     blocks = []
     for entry in summary["vectors"]:
@@ -83,7 +83,7 @@ def staged_vectors(directory: str, summary: Mapping[str, Any], model: str) -> tu
     return ids, (np.vstack(blocks) if blocks else np.zeros((0, dim), np.float32))
 
 
-def apply(
+def upsert_vectors(
     settings: Settings,
     pending: Mapping[str, Any],
     summary: Mapping[str, Any],
@@ -97,7 +97,7 @@ def apply(
     diffs: dict[str, dict[str, int]] = {}
     for model in models:
         plan = json.loads(staging.as_path(_plan_path(directory, model)).read_text())
-        ids, vectors = staged_vectors(directory, summary, model)
+        ids, vectors = _staged_vectors(directory, summary, model)
         copies = store.read_vectors(settings.store_uri, model, sorted(set(plan["reuse"].values())))
         reused = [i for i in plan["reuse"] if plan["reuse"][i] in copies]
         if reused:  # same text under a new id (an edit shifted it): copy the stored vector, no embedding call

@@ -184,3 +184,35 @@ def test_an_edit_that_shifts_later_chunks_re_embeds_only_the_new_text() -> None:
         assert len(machine.rows[MODELS[0]]) > 2
     finally:
         machine.teardown()
+
+
+def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_count(tmp_path) -> None:
+    """A row the run counts as stored but gone by the upsert (another writer, a lost write): VerifyError, '1 missing'."""
+    import pytest
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Alpha beta gamma. " * 20)
+    s = Settings(
+        corpus_dir=str(corpus),
+        models=MODELS[:1],
+        work_dir=str(tmp_path / "work"),
+        chunk_tokens=CHUNK_TOKENS,
+        chunk_overlap=0,
+    )
+
+    def select(run: str):
+        directory = steps.run_dir(s, run)
+        pending = sync_steps.select_pending(s, steps.chunk_documents(s, steps.discover_documents(s), directory),
+                                            MODELS[:1], directory)  # fmt: skip
+        plan = [b.as_dict() for b in plan_batches(staging.read_token_counts(pending), batch_size=4)]
+        results = [steps.embed_batch(s, pending, b, MODELS[0], directory) for b in plan]
+        return directory, pending, steps.aggregate_results(pending, plan, MODELS[:1], results, directory)
+
+    directory, pending, summary = select("first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    directory, pending, summary = select("second")  # everything stored: nothing to write
+    victim = sorted(store.read_index(s.store_uri, MODELS[0]))[0]
+    store.delete(s.store_uri, MODELS[0], [victim])
+    with pytest.raises(sync_steps.VerifyError, match=r"hash-words-256: 1 missing"):
+        steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)

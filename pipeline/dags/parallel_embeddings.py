@@ -180,11 +180,11 @@ def parallel_embeddings():
             fail_task(str(exc))
 
     @task
-    def compare_models(settings: dict, summary: dict, models: list) -> list:
+    def compare_models(settings: dict, chunk_set: dict, stored: dict, models: list) -> list:
+        """After the upsert (``stored``): compares the store's vectors of the corpus, embedded now or before."""
         from pipeline import steps
 
-        s = _settings(settings)
-        return steps.compare_models(s, summary, models, _run_dir(s))
+        return steps.compare_models(_settings(settings), chunk_set, models)
 
     @task(multiple_outputs=False)
     def write_report(settings, documents, chunk_set, plan, summary, stored, comparison) -> dict:
@@ -216,7 +216,7 @@ def parallel_embeddings():
     )
     summary = aggregate_results(settings, pending, plan, models, results)
     stored = upsert_vectors(settings, pending, summary, models)
-    comparison = compare_models(settings, summary, models)
+    comparison = compare_models(settings, pending, stored, models)
     write_report(settings, documents, chunk_set, plan, summary, stored, comparison)
 
 
