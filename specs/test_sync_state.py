@@ -45,6 +45,7 @@ class SyncedStore(RuleBasedStateMachine):
         self.rows: dict[str, dict[str, tuple[str, str]]] = {m: {} for m in MODELS}  # id -> (text, version)
         self.runs = 0
         self.saved_version = hashing.VERSION
+        self.cleanup = "full"
 
     def teardown(self) -> None:
         hashing.VERSION = self.saved_version
@@ -113,7 +114,11 @@ class SyncedStore(RuleBasedStateMachine):
                 if c.id not in failed:
                     self.rows[m][c.id] = (c.text, versions[m])
             ids = {c.id for c in chunks}
-            self.rows[m] = {i: row for i, row in self.rows[m].items() if i in ids}  # cleanup=full
+            self.rows[m] = {
+                i: row
+                for i, row in self.rows[m].items()
+                if i in ids or (self.cleanup == "incremental" and i.rpartition("#")[0] not in self.corpus)
+            }
         assert summary["succeeded"] + summary["failed"] + summary["skipped"] == len(chunks) * len(MODELS)
         self.check_store(versions)
 
@@ -121,7 +126,7 @@ class SyncedStore(RuleBasedStateMachine):
         s = Settings(
             corpus_dir=str(self.root / "corpus"), models=MODELS, work_dir=str(self.root / "work"),
             chunk_tokens=CHUNK_TOKENS, chunk_overlap=0, fail_rate=fail_rate, fail_seed=fail_seed,
-            backoff_seconds=0.0, cleanup="full", force_cleanup=True,
+            backoff_seconds=0.0, cleanup=self.cleanup, force_cleanup=True,
         )  # fmt: skip
         directory = steps.run_dir(s, f"run-{self.runs}")
         chunk_set = steps.chunk_documents(s, steps.discover_documents(s), directory)
@@ -216,3 +221,26 @@ def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_coun
     store.delete(s.store_uri, MODELS[0], [victim])
     with pytest.raises(sync_steps.VerifyError, match=r"hash-words-256: 1 missing"):
         steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+
+
+def test_incremental_cleanup_removes_old_chunks_of_documents_read_and_keeps_documents_not_read() -> None:
+    """cleanup=incremental: an edited document loses its old chunks' vectors, a deleted one keeps its vectors."""
+    machine = SyncedStore()
+    try:
+        machine.start()
+        machine.cleanup = "incremental"
+        machine.add_or_replace_a_document("a.txt", "Alpha beta gamma delta. " * 6)
+        machine.add_or_replace_a_document("b.txt", "Omega sigma kappa zeta. " * 6)
+        machine.run(0.0, 0, False)
+        kept = {i for i in machine.rows[MODELS[0]] if i.startswith("b.txt#")}
+        del machine.corpus["b.txt"]
+        machine.add_or_replace_a_document("a.txt", "Zeta kappa. " * 9)
+        machine.run(0.0, 0, False)  # asserts the store equals rows: a's new chunks and all of b's
+        assert kept and kept <= set(machine.rows[MODELS[0]])
+        assert not {
+            i
+            for i in machine.rows[MODELS[0]]
+            if i.startswith("a.txt#") and "Alpha" in machine.rows[MODELS[0]][i][0]
+        }
+    finally:
+        machine.teardown()
