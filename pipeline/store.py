@@ -8,6 +8,7 @@ without code changes. ``lancedb`` is imported inside the functions: DAG parsing 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ def _list_tables(db: Any) -> list[str]:
 
 
 def _open(uri: str, model: str) -> Any | None:
+    if "://" not in uri and not os.path.isdir(uri):  # reading must not create a store (connect makes the dir)
+        return None
     db = connect(uri)
     return db.open_table(table_name(model)) if table_name(model) in set(_list_tables(db)) else None
 
