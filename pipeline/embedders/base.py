@@ -39,6 +39,8 @@ class Embedder:
     name: str
     dim: int
     encode: Callable[[Sequence[str]], np.ndarray] = field(repr=False)
+    # What else identifies its vectors (weights, provider model): a stored vector of another version is stale.
+    version: str = ""
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if any(not t for t in texts):

@@ -68,6 +68,18 @@ def _model_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+def weights_version() -> str:
+    """``all-MiniLM-L6-v2:<digest of the weights file>``: other weights make other vectors (read once per process)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    with open(_model_dir() / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"all-MiniLM-L6-v2:{digest.hexdigest()}"
+
+
+@functools.lru_cache(maxsize=1)
 def _tokenizer():  # -> transformers.PreTrainedTokenizerFast
     _offline()
     path = _model_dir()
