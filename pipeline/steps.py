@@ -106,14 +106,23 @@ def _config_error_uri(directory: str, model: str) -> str:
     return f"{directory}/config-errors/{store.table_name(model)}.txt"
 
 
+def _recorded(directory: str, model: str, conn_id: str | None) -> tuple[int, str] | None:
+    """(try number, why) of the record of ``model`` in this DAG run, if any (a record is ``try N`` + the why)."""
+    text = staging.read_text(_config_error_uri(directory, model), conn_id)
+    if text is None:
+        return None
+    head, _, why = text.partition("\n")
+    return (int(head[4:]), why) if head.startswith("try ") and head[4:].isdigit() else (1, text)
+
+
 def config_errors(directory: str, models: Sequence[str], conn_id: str | None = None) -> dict[str, str]:
     """model -> why it could not run in this DAG run (recorded by the first task instance that found out)."""
-    found = {m: staging.read_text(_config_error_uri(directory, m), conn_id) for m in models}
-    return {m: why for m, why in found.items() if why is not None}
+    found = {m: _recorded(directory, m, conn_id) for m in models}
+    return {m: r[1] for m, r in found.items() if r is not None}
 
 
 def _configuration_failed(
-    directory: str, model: str, error: BaseException, conn_id: str | None
+    directory: str, model: str, error: BaseException, conn_id: str | None, try_number: int = 1
 ) -> ConfigurationError:
     """Record why ``model`` cannot run, once per DAG run, so other instances stop at once and the run says why."""
     from pipeline.preflight import PreflightError, check_model
@@ -124,32 +133,33 @@ def _configuration_failed(
             check_model(model)
         except PreflightError as exc:
             message = str(exc)
-    staging.write_text(_config_error_uri(directory, model), message, conn_id)
+    staging.write_text(_config_error_uri(directory, model), f"try {try_number}\n{message}", conn_id)
     return ConfigurationError(message)
 
 
-def load_embedder(model: str, settings: Settings, directory: str) -> Embedder:
+def load_embedder(model: str, settings: Settings, directory: str, try_number: int = 1) -> Embedder:
     """The embedder, or :class:`ConfigurationError` when this environment cannot run it (recorded for the run).
 
     A load that fails for a reason preflight recognises (an extra not installed, a connection missing or without
     a key) or a provider refusing the credentials is a configuration error; anything else propagates (a load
     may fail transiently, e.g. an endpoint down while probing the dimension, and Airflow's retries apply).
+    A record stops instances of its try number or lower; a later try (a cleared instance, after the fix) loads.
     """
     conn_id = settings.object_storage_conn_id
-    recorded = config_errors(directory, [model], conn_id)
-    if recorded:
-        raise ConfigurationError(recorded[model])
+    recorded = _recorded(directory, model, conn_id)
+    if recorded and recorded[0] >= try_number:
+        raise ConfigurationError(recorded[1])
     try:
         return _embedder(model, settings.work_dir)
     except (ImportError, EmbeddingConfigError) as exc:
-        raise _configuration_failed(directory, model, exc, conn_id) from None
+        raise _configuration_failed(directory, model, exc, conn_id, try_number) from None
     except Exception as exc:
         from pipeline.preflight import PreflightError, check_model
 
         try:
             check_model(model)
         except PreflightError:
-            raise _configuration_failed(directory, model, exc, conn_id) from None
+            raise _configuration_failed(directory, model, exc, conn_id, try_number) from None
         raise
 
 
@@ -159,10 +169,12 @@ def embed_batch(
     batch: Mapping[str, int],
     model: str,
     directory: str,
+    try_number: int = 1,
 ) -> dict[str, Any]:
     """Embed one planned batch with one model. Never raises for bad inputs: they become recorded failures.
 
     Chunks the model already has in the store (the pending set's mask) are skipped: not sent, not loaded for.
+    ``try_number`` (the task instance's) decides whether a recorded configuration error stops it.
     """
     chunks = staging.read_chunks(chunk_set, batch["start"], batch["stop"])
     mask = staging.read_mask(dict(chunk_set), batch["start"], batch["stop"], model)
@@ -181,7 +193,7 @@ def embed_batch(
          "lower chunk_tokens"]
         for i in requests.oversize
     ]  # fmt: skip
-    embedder = load_embedder(model, settings, directory)
+    embedder = load_embedder(model, settings, directory, try_number)
     call = FaultyCall(settings.fault_plan, model, embedder.embed)
     backoff = Backoff(base=settings.backoff_seconds, max_attempts=settings.max_attempts)
     try:
@@ -193,7 +205,9 @@ def embed_batch(
             concurrency=settings.request_concurrency,
         )
     except EmbeddingConfigError as exc:  # the provider refused credentials/model mid-run (401/403/404)
-        raise _configuration_failed(directory, model, exc, settings.object_storage_conn_id) from None
+        raise _configuration_failed(
+            directory, model, exc, settings.object_storage_conn_id, try_number
+        ) from None
     failures += [[f.chunk_id, f.kind, f.error] for f in outcome.failures]
     vectors = outcome.matrix(embedder.dim)
     staged = None  # relative to the run directory: XCom stays small (goal: <= 512 B per chunk x model pair)

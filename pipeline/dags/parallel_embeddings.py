@@ -170,7 +170,8 @@ def parallel_embeddings():
         s = _settings(chunk_set["settings"])
         try:
             with _storage(s.work_dir, s):
-                return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+                ti = get_current_context()["ti"]  # its try number: a cleared instance retries a config error
+                return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s), ti.try_number)
         except (
             steps.ConfigurationError
         ) as exc:  # missing extra, connection, credentials: retrying cannot help
