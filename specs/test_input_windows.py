@@ -47,6 +47,7 @@ def test_chunks_that_fit_are_cut_exactly_as_without_a_window(text, max_tokens) -
 
 
 def test_hashing_models_have_no_window_and_api_models_the_openai_limit() -> None:
+    """Hashing reads any length whole (no window); an API model: 8,192 tokens, the offline estimate + 25 %."""
     assert input_window("hash-words-256") is None and input_window("hash-chars-384") is None
     limit, count = input_window("openai:text-embedding-3-small")
     assert limit == 8192 and count(["one two three four"]) == [5]  # 4 tokens + the 25 % margin, rounded up

@@ -91,6 +91,7 @@ def test_a_cleanup_of_more_than_half_of_the_store_is_refused_unless_forced(
 
 
 def test_an_unknown_cleanup_mode_is_refused_naming_the_modes() -> None:
+    """cleanup must be none, incremental or full; anything else is refused with the list."""
     with pytest.raises(ValueError, match="cleanup='fast': use one of none, incremental, full"):
         plan_model("m", "v1", [], {}, cleanup="fast")
 
