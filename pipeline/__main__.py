@@ -39,6 +39,8 @@ OPTIONS = {
     "transient_rate": "transient_rate",
     "fail_seed": "fail_seed",
     "max_failed_share": "max_failed_share",
+    "cleanup": "cleanup",
+    "force_cleanup": "force_cleanup",
     "store": "store_uri",
     "report": "report_path",
     "work_dir": "work_dir",
@@ -97,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the run fails when more than this share of chunk x model pairs failed (default 0.5); "
         "a run in which no pair succeeded always fails",
+    )
+    run.add_argument(
+        "--cleanup",
+        choices=["none", "incremental", "full"],
+        help="stored vectors to remove: of chunks gone from the documents read (incremental, default), "
+        "also of documents gone from the corpus (full), or none",
+    )
+    run.add_argument(
+        "--force-cleanup",
+        action="store_true",
+        default=None,
+        help="allow a cleanup that deletes more than half of a model's stored vectors",
     )
     run.add_argument("--store", help="LanceDB URI (default: WORK_DIR/store)")
     run.add_argument("--report", help="report JSON path (default: WORK_DIR/reports/<run id>.json)")
@@ -273,8 +287,15 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
         f"mapped task instances: {report['mapped_task_instances']} ({report['granularity']}; "
         f"{report['batches']['count']} inputs x {len(report['models'])} models)",
         f"embeddings: {e['succeeded']}/{e['expected']} succeeded, {e['failed']} failed, {e['retried']} retried",
-        f"store: {s['vectors']} vectors at {s['uri']} ({s['inserted']} new, {s['updated']} rewritten)",
+        f"store: {s['vectors']} vectors at {s['uri']} ({s['inserted']} new, {s['updated']} rewritten)"
+        + (", verified" if s.get("verified") else ""),
     ]
+    if report.get("sync"):
+        y = report["sync"]
+        lines.append(
+            f"sync: {y['embedded']} pairs embedded, {y['skipped']} skipped (already stored; {y['reused']} "
+            f"copied from a shifted chunk), {y['deleted']} deleted (cleanup {report['settings']['cleanup']})"
+        )
     if "concurrency" in report:
         c = report["concurrency"]
         lines.append(

@@ -65,6 +65,7 @@ class NormStats:
 class ModelTotals:
     succeeded: int = 0
     failed: int = 0
+    skipped: int = 0  # already in the store (pipeline.sync): not sent
     retried: int = 0
     calls: int = 0
     dim: int | None = None
@@ -76,6 +77,7 @@ class ModelTotals:
         return ModelTotals(
             self.succeeded + other.succeeded,
             self.failed + other.failed,
+            self.skipped + other.skipped,
             self.retried + other.retried,
             self.calls + other.calls,
             self.dim if self.dim is not None else other.dim,
@@ -99,12 +101,14 @@ class Partial:
         model, batch = result["model"], result["batch"]
         size = result["stop"] - result["start"]
         failures = tuple((cid, model, kind, err) for cid, kind, err in result["failures"])
-        if result["succeeded"] + len(failures) != size:
+        skipped = result.get("skipped", 0)
+        if result["succeeded"] + len(failures) + skipped != size:
             raise AggregationError(
-                f"batch {batch} x {model}: {result['succeeded']} succeeded + {len(failures)} failed != {size} chunks"
+                f"batch {batch} x {model}: {result['succeeded']} succeeded + {len(failures)} failed"
+                f" + {skipped} skipped != {size} chunks"
             )
         norms = NormStats(*result["norms"]) if result["succeeded"] else NormStats()
-        totals = ModelTotals(result["succeeded"], len(failures), result["retried"], result["calls"],
+        totals = ModelTotals(result["succeeded"], len(failures), skipped, result["retried"], result["calls"],
                              result["dim"], norms)  # fmt: skip
         staged = ((model, batch, result["vectors"]),) if result.get("vectors") else ()
         return cls({model: totals}, failures, frozenset({(batch, model)}), staged)
@@ -143,39 +147,32 @@ def reconcile(
     results: Iterable[Mapping[str, Any]],
     chunk_ids: Callable[[int, int], list[str]],
     config_errors: Mapping[str, str] | None = None,
+    pending: Callable[[int, int, str], list[bool]] | None = None,
 ) -> dict[str, Any]:
-    """The run's summary: every planned (chunk, model) pair exactly once as succeeded or failed.
+    """The run's summary: every planned (chunk, model) pair exactly once as succeeded, failed or skipped.
 
     ``chunk_ids(start, stop)`` names the chunks of a batch whose task instance left no result (it failed or was
     skipped); those pairs become failures of kind ``task_failed``, or ``config`` with the reason when
-    ``config_errors`` says why the model could not run at all (model -> error).
+    ``config_errors`` says why the model could not run at all (model -> error). ``pending(start, stop, model)``
+    says which of them the model had to embed; the others were already stored (skipped), not failed.
     """
     config_errors = config_errors or {}
+
+    def lost(b: Mapping[str, int], model: str) -> Partial:
+        ids = chunk_ids(b["start"], b["stop"])
+        mask = pending(b["start"], b["stop"], model) if pending else [True] * len(ids)
+        ids = [cid for cid, p in zip(ids, mask, strict=True) if p]
+        why = config_errors.get(model, f"mapped task instance for batch {b['index']} left no result")
+        kind = "config" if model in config_errors else "task_failed"
+        totals = ModelTotals(failed=len(ids), skipped=len(mask) - len(ids))
+        return Partial({model: totals}, tuple((cid, model, kind, why) for cid in ids))
+
     received = combine(results)
     unexpected = {key for key in received.keys if key[1] not in models or not 0 <= key[0] < len(plan)}
     if unexpected:
         raise AggregationError(f"results for (batch, model) outside the plan: {sorted(unexpected)[:3]}")
-    lost = [
-        Partial(
-            {model: ModelTotals(failed=len(ids))},
-            tuple(
-                (cid, model, "config", config_errors[model])
-                if model in config_errors
-                else (
-                    cid,
-                    model,
-                    "task_failed",
-                    f"mapped task instance for batch {b['index']} left no result",
-                )
-                for cid in ids
-            ),
-        )
-        for b in plan
-        for model in models
-        if (b["index"], model) not in received.keys
-        for ids in [chunk_ids(b["start"], b["stop"])]
-    ]
-    return summarize(merge_all([received, *lost]), plan, models)
+    missing = [lost(b, model) for b in plan for model in models if (b["index"], model) not in received.keys]
+    return summarize(merge_all([received, *missing]), plan, models)
 
 
 def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Sequence[str]) -> dict[str, Any]:
@@ -187,6 +184,7 @@ def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Seque
             "dim": t.dim,
             "succeeded": t.succeeded,
             "failed": t.failed,
+            "skipped": t.skipped,
             "retried": t.retried,
             "calls": t.calls,
             "mean_norm": t.norms.mean,
@@ -198,6 +196,7 @@ def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Seque
         "expected": sum(b["stop"] - b["start"] for b in plan) * len(models),
         "succeeded": sum(m["succeeded"] for m in per_model.values()),
         "failed": len(failures),
+        "skipped": sum(m["skipped"] for m in per_model.values()),
         "retried": sum(m["retried"] for m in per_model.values()),
         "calls": sum(m["calls"] for m in per_model.values()),
         "failures": [{"chunk_id": c, "model": m, "kind": k, "error": e} for c, m, k, e in failures],
@@ -210,10 +209,10 @@ def summarize(partial: Partial, plan: Sequence[Mapping[str, int]], models: Seque
 def over_budget(summary: Mapping[str, Any], max_failed_share: float) -> str | None:
     """Why the run must fail, or None: no pair succeeded, or more than ``max_failed_share`` of them failed.
 
-    An empty plan (nothing to embed) is within budget. The reason names the share and the first error of each
-    kind, on one line.
+    Shares are of the pairs attempted (skipped pairs were already stored). Nothing to embed is within budget.
+    The reason names the share and the first error of each kind, on one line.
     """
-    expected, failed = summary["expected"], summary["failed"]
+    expected, failed = summary["expected"] - summary.get("skipped", 0), summary["failed"]
     if not expected or (summary["succeeded"] and failed <= max_failed_share * expected):
         return None
     first: dict[str, Mapping[str, Any]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Offline stand-in for a subword tokenizer: words in pieces of at most 16 characters, and each punctuation mark.
@@ -42,10 +43,20 @@ def chunk_id(doc: str, ordinal: int, text: str) -> str:
     return f"{doc}#{ordinal}:{digest}"
 
 
-def chunk_text(doc: str, text: str, *, max_tokens: int, overlap: int = 0) -> list[Chunk]:
+def text_hash(text: str) -> str:
+    """Digest of a chunk's text, as the store records it (sync skips a pair whose text and model are stored)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def chunk_text(
+    doc: str, text: str, *, max_tokens: int, overlap: int = 0, fits: Callable[[str], bool] | None = None
+) -> list[Chunk]:
     """Split ``text`` of document ``doc`` into chunks of at most ``max_tokens`` tokens.
 
     ``overlap`` must be smaller than ``max_tokens``; every token of ``text`` lands in at least one chunk.
+    ``fits(piece)`` (e.g. "within every model's input window, counted by its own tokenizer") shortens a chunk
+    that does not fit to the longest prefix that does, then back to a natural boundary; a single token that
+    does not fit stays a chunk of its own (the caller reports it).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -60,6 +71,8 @@ def chunk_text(doc: str, text: str, *, max_tokens: int, overlap: int = 0) -> lis
         stop = min(start + max_tokens, len(spans))
         if stop < len(spans):
             stop = _natural_stop(text, spans, start, stop)
+        if fits is not None and not fits(text[spans[start][0] : spans[stop - 1][1]]):
+            stop = _fitting_stop(text, spans, start, stop, fits)
         piece = text[spans[start][0] : spans[stop - 1][1]]
         ordinal = len(chunks)
         chunks.append(Chunk(chunk_id(doc, ordinal, piece), doc, ordinal, piece, stop - start))
@@ -80,3 +93,17 @@ def _natural_stop(text: str, spans: list[tuple[int, int]], start: int, stop: int
         if sentence_stop is None and gap and text[spans[k - 1][0] : spans[k - 1][1]] in _SENTENCE_END:
             sentence_stop = k
     return sentence_stop or stop
+
+
+def _fitting_stop(
+    text: str, spans: list[tuple[int, int]], start: int, stop: int, fits: Callable[[str], bool]
+) -> int:
+    """The natural stop below the longest prefix of tokens [start, stop) that ``fits`` (at least one token)."""
+    lo, hi = start + 1, stop - 1  # ``stop`` itself does not fit; the fit is monotone in the prefix length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(text[spans[start][0] : spans[mid - 1][1]]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return _natural_stop(text, spans, start, lo) if lo > start + 1 else lo

@@ -10,6 +10,7 @@ from pipeline import OBJECT_STORAGE_CONN_ID
 from pipeline.corpus import DEFAULT_EXTENSIONS, DEFAULT_MAX_DOCUMENT_BYTES
 from pipeline.embedders import DEFAULT_MODELS, validate_models
 from pipeline.faults import FaultPlan
+from pipeline.sync import CLEANUP_MODES
 
 
 class SettingsError(ValueError):
@@ -55,6 +56,9 @@ class Settings:
     compare_max_chunks: int = 2000
     # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
     max_failed_share: float = 0.5
+    # Incremental sync (pipeline.sync): which stored vectors the run removes, and the guard's override.
+    cleanup: str = "incremental"
+    force_cleanup: bool = False
     max_batch_tokens: InitVar[int | None] = None  # alias of max_request_tokens (see ALIASES)
 
     def __post_init__(self, max_batch_tokens: int | None) -> None:
@@ -82,6 +86,8 @@ class Settings:
         need(self.compare_max_chunks >= 2, "compare_max_chunks", "must be >= 2")
         need(0 <= self.max_failed_share <= 1, "max_failed_share", "must be between 0 and 1")
         need(bool(self.object_storage_conn_id), "object_storage_conn_id", "name an Airflow connection")
+        need(self.cleanup in CLEANUP_MODES, "cleanup", f"use one of {', '.join(CLEANUP_MODES)}")
+        need(isinstance(self.force_cleanup, bool), "force_cleanup", "expected true or false")
         need(bool(self.extensions), "extensions", "list at least one file extension, e.g. .txt")
         try:
             object.__setattr__(self, "models", tuple(validate_models(list(self.models))))

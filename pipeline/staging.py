@@ -70,6 +70,20 @@ def read_chunks(chunk_set: dict[str, Any], start: int = 0, stop: int | None = No
     ]
 
 
+def write_mask(chunk_set: dict[str, Any], models: list[str], mask: np.ndarray) -> dict[str, Any]:
+    """Stage which chunks of the set each model must embed (``mask[i, j]``: chunk i pending for ``models[j]``)."""
+    _save_npz(_root(chunk_set) / "mask.npz", mask=np.asarray(mask, bool).reshape(-1, len(models)))
+    return chunk_set | {"mask": list(models)}
+
+
+def read_mask(chunk_set: dict[str, Any], start: int, stop: int, model: str) -> list[bool]:
+    """Which chunks ``[start, stop)`` ``model`` must embed: all of them in a set staged without a mask."""
+    if "mask" not in chunk_set:
+        return [True] * (stop - start)
+    mask = _load_npz(_root(chunk_set) / "mask.npz")["mask"]
+    return mask[start:stop, chunk_set["mask"].index(model)].tolist()
+
+
 def write_vectors(uri: str, ids: list[str], vectors: np.ndarray, conn_id: str | None = None) -> None:
     path = as_path(uri, conn_id)
     _make_folder(path.parent)

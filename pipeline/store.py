@@ -12,6 +12,7 @@ conditional puts, but concurrent merges into one table may conflict, so the desi
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.chunking import Chunk
+from pipeline.chunking import Chunk, text_hash
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,24 @@ def connect(uri: str, storage_options: Options = None) -> Any:
     return lancedb.connect(uri, storage_options=storage_options or None)
 
 
+# Sync columns (pipeline.sync): rows written before they existed get them as NULL, i.e. stale: re-embedded.
+SYNC_COLUMNS = {"text_hash": "CAST(NULL AS STRING)", "model_version": "CAST(NULL AS STRING)"}
+
+
 def upsert(
     uri: str,
     model: str,
     chunks: Sequence[Chunk],
     vectors: np.ndarray,
     *,
+    version: str = "",
     compact: bool = True,
     storage_options: Options = None,
 ) -> UpsertResult:
-    """Insert or update the vectors of ``chunks`` for ``model``; identical re-upserts leave the count unchanged."""
+    """Insert or update the vectors of ``chunks`` for ``model``; identical re-upserts leave the count unchanged.
+
+    Each row records the chunk's text hash and the model ``version`` that embedded it (what sync compares).
+    """
     import pyarrow as pa
 
     if len(chunks) != len(vectors):
@@ -70,6 +79,8 @@ def upsert(
             ("ordinal", pa.int32()),
             ("text", pa.string()),
             ("vector", pa.list_(pa.float32(), dim)),
+            ("text_hash", pa.string()),
+            ("model_version", pa.string()),
         ]
     )
     rows = pa.table(
@@ -81,10 +92,15 @@ def upsert(
             "vector": pa.FixedSizeListArray.from_arrays(
                 pa.array(np.ascontiguousarray(vectors, np.float32).ravel()), dim
             ),
+            "text_hash": [text_hash(c.text) for c in chunks],
+            "model_version": [version] * len(chunks),
         },
         schema=schema,
     )
     table = connect(uri, storage_options).create_table(table_name(model), schema=schema, exist_ok=True)
+    missing = {k: v for k, v in SYNC_COLUMNS.items() if k not in table.schema.names}
+    if missing:  # a table of the previous schema: migrate in place; its rows stay, stale until re-embedded
+        table.add_columns(missing)
     before = table.count_rows()
     result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
     inserted = table.count_rows() - before
@@ -115,3 +131,66 @@ def _list_tables(db: Any) -> list[str]:
         listed = db.list_tables()
         return list(getattr(listed, "tables", listed))
     return list(db.table_names())
+
+
+def _open(uri: str, model: str, storage_options: Options = None) -> Any | None:
+    if "://" not in uri and not os.path.isdir(uri):  # reading must not create a store (connect makes the dir)
+        return None
+    db = connect(uri, storage_options)
+    return db.open_table(table_name(model)) if table_name(model) in set(_list_tables(db)) else None
+
+
+def read_index(
+    uri: str, model: str, storage_options: Options = None
+) -> dict[str, tuple[str | None, str | None, str]]:
+    """``{id: (text_hash, model_version, doc)}`` of ``model``'s rows (None where a previous schema had none)."""
+    table = _open(uri, model, storage_options)
+    if table is None:
+        return {}
+    names = table.schema.names
+    columns = ["id", "doc", *(c for c in SYNC_COLUMNS if c in names)]
+    data = table.search().select(columns).limit(None).to_arrow().to_pydict()
+    none = [None] * len(data["id"])
+    return {
+        i: (h, v, d)
+        for i, d, h, v in zip(
+            data["id"], data["doc"], data.get("text_hash", none), data.get("model_version", none), strict=True
+        )
+    }
+
+
+def read_vectors(
+    uri: str, model: str, ids: Sequence[str], storage_options: Options = None
+) -> dict[str, np.ndarray]:
+    """Vectors of ``ids`` (those present) of ``model``."""
+    table = _open(uri, model, storage_options)
+    if table is None or not ids:
+        return {}
+    found: dict[str, np.ndarray] = {}
+    for part in _batches(ids):
+        data = table.search().where(_id_filter(part)).select(["id", "vector"]).limit(None).to_arrow()
+        vectors = data.column("vector").combine_chunks().flatten().to_numpy().reshape(len(data), -1)
+        found.update(zip(data.column("id").to_pylist(), vectors, strict=True))
+    return found
+
+
+def delete(uri: str, model: str, ids: Sequence[str], storage_options: Options = None) -> int:
+    """Delete the rows of ``ids`` of ``model``; returns how many rows went."""
+    table = _open(uri, model, storage_options)
+    if table is None or not ids:
+        return 0
+    before = table.count_rows()
+    for part in _batches(ids):
+        table.delete(_id_filter(part))
+    table.optimize(cleanup_older_than=timedelta(hours=1))
+    return before - table.count_rows()
+
+
+def _batches(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    ids = sorted(ids)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def _id_filter(ids: Sequence[str]) -> str:
+    # Chunk ids come from file names: quote them as SQL strings (a quote doubles), never splice them raw.
+    return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"

@@ -255,12 +255,13 @@ TestResultsArrivingOneByOneInAnyOrderKeepTheAggregateConsistent = ResultsArriveO
 
 
 # The summary's fields, as the report, the upsert and the comparison read them.
-SUMMARY_FIELDS = {"expected", "succeeded", "failed", "retried", "calls", "failures", "failures_by_kind",
+SUMMARY_FIELDS = {"expected", "succeeded", "failed", "skipped", "retried", "calls", "failures", "failures_by_kind",
                   "per_model", "vectors"}  # fmt: skip
 PER_MODEL_FIELDS = {
     "dim",
     "succeeded",
     "failed",
+    "skipped",
     "retried",
     "calls",
     "mean_norm",
@@ -285,7 +286,7 @@ def test_the_summary_has_the_documented_fields_and_totals(run: SyntheticRun) -> 
         assert totals["calls"] == sum(r["calls"] for r in run.results if r["model"] == model)
         assert totals["retried"] == sum(r["retried"] for r in run.results if r["model"] == model)
         assert (totals["norm_max"] is None) == (totals["succeeded"] == 0)
-    for name in ("succeeded", "retried", "calls"):
+    for name in ("succeeded", "skipped", "retried", "calls"):
         assert summary[name] == sum(t[name] for t in per_model.values())
     assert all(set(f) == {"chunk_id", "model", "kind", "error"} for f in summary["failures"])
     assert {f["error"] for f in summary["failures"]} <= {"refused"}

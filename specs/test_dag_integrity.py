@@ -22,7 +22,7 @@ DAG_FILE = Path(DAGS_FOLDER) / "parallel_embeddings.py"
 PARSE_BUDGET_SECONDS = 5.0  # generous: catches heavy top-level work, not a benchmark
 HEAVY_MODULES = ("torch", "lancedb", "pyarrow", "pandas", "transformers", "sentence_transformers")
 EXPECTED_TASKS = {
-    "resolve_settings", "list_models", "discover_documents", "chunk_documents", "plan_batches",
+    "resolve_settings", "list_models", "discover_documents", "chunk_documents", "select_pending", "plan_batches",
     EMBED_TASK, "aggregate_results", "upsert_vectors", "compare_models", "write_report",
 }  # fmt: skip
 

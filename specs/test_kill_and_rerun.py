@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,3 +84,19 @@ def test_a_killed_run_then_a_rerun_completes_the_store_without_duplicates(tmp_pa
     ids = store.read_ids(str(tmp_path / "store"), MODEL)
     assert len(ids) == len(set(ids)), "duplicate chunk ids in the store"
     assert set(ids) == expected_ids()
+    (report,) = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "work" / "reports").glob("report-*.json")
+        if not p.name.endswith(".failed.json")
+    ]
+    assert report["store"][
+        "verified"
+    ]  # the killed run never reached its upsert: the re-run embeds every pair
+    assert report["sync"]["embedded"] + report["sync"]["skipped"] == len(expected_ids())
+    assert report["embeddings"]["failed"] == 0
+
+    third = subprocess.run(
+        command(tmp_path, home), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "sync: 0 pairs embedded" in third.stdout, third.stdout  # a completed store: nothing left to send

@@ -37,7 +37,7 @@ DOCUMENTS = {
     "c.rst": "Short document about buckets.",
 }
 OPTIONS = {"models": list(MODELS), "chunk_tokens": 8, "chunk_overlap": 2, "batch_size": 3}
-OPTIONS |= {"fail_rate": 0.3, "fail_seed": 7}
+FAULTS = {"fail_rate": 0.3, "fail_seed": 7}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +70,22 @@ def run_dir_prefix(prefix: str, report: dict) -> str:
 
 @pytest.fixture(scope="module")
 def runs(s3: LocalS3, run_dag) -> dict:
-    """The same corpus and settings on local disk, on S3, and once more on S3 into the same store."""
+    """The same corpus and settings (with injected faults) on local disk and on S3; then twice more on S3 into the
+    same store without faults: the re-run resumes the failed pairs, the last one finds everything stored."""
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     remote = {"work_dir": f"s3://{s3.bucket}/{prefix}/work", "store_uri": f"s3://{s3.bucket}/{prefix}/store"}
-    local = run_dag(DOCUMENTS, **OPTIONS)
-    first = run_dag(DOCUMENTS, **OPTIONS, **remote)
+    local = run_dag(DOCUMENTS, **OPTIONS, **FAULTS)
+    first = run_dag(DOCUMENTS, **OPTIONS, **FAULTS, **remote)
     again = run_dag(DOCUMENTS, **OPTIONS, **remote)
-    return {"local": local, "s3": first, "rerun": again, "prefix": prefix, "remote": remote}
+    unchanged = run_dag(DOCUMENTS, **OPTIONS, **remote)
+    return {
+        "local": local,
+        "s3": first,
+        "rerun": again,
+        "unchanged": unchanged,
+        "prefix": prefix,
+        "remote": remote,
+    }
 
 
 def essentials(report: dict) -> dict:
@@ -121,10 +130,11 @@ def test_staged_objects_sit_under_the_runs_prefix_and_nothing_is_written_locally
 
 @pytest.mark.airflow
 def test_the_store_on_s3_holds_exactly_the_succeeded_pairs(runs, s3) -> None:
-    """Opened with lancedb from outside Airflow (as the README shows), each model's table holds its succeeded ids."""
+    """Opened with lancedb from outside Airflow (as the README shows), each model's table holds exactly the ids
+    that succeeded: the first run's, plus the failed ones its re-run embedded, i.e. every chunk once."""
     import lancedb
 
-    report = runs["s3"]
+    report = runs["rerun"]
     options = {"aws_endpoint": s3.url, "aws_region": "us-east-1", "allow_http": "true"}
     options |= {"aws_access_key_id": s3.key_id, "aws_secret_access_key": s3.secret}
     db = lancedb.connect(runs["remote"]["store_uri"], storage_options=options)
@@ -132,19 +142,31 @@ def test_the_store_on_s3_holds_exactly_the_succeeded_pairs(runs, s3) -> None:
         failed = {f["chunk_id"] for f in report["failures"] if f["model"] == model}
         ids = db.open_table(store.table_name(model)).to_arrow().column("id").to_pylist()
         assert len(ids) == len(set(ids))
-        assert set(ids) == expected_ids() - failed
+        assert set(ids) == expected_ids() - failed == expected_ids()
 
 
 @pytest.mark.airflow
-def test_a_rerun_on_s3_adds_no_vectors_and_no_duplicates(runs, s3) -> None:
-    """Running the same corpus into the same S3 store again inserts 0 vectors; every id is still there once."""
+def test_a_rerun_on_s3_embeds_only_the_failed_pairs_and_duplicates_nothing(runs, s3) -> None:
+    """Re-running into the same S3 store embeds and inserts exactly the pairs that failed; every id is there once."""
     first, again = runs["s3"], runs["rerun"]
-    assert again["store"]["inserted"] == 0
-    assert again["store"]["vectors"] == first["store"]["vectors"] == first["embeddings"]["succeeded"]
+    assert again["sync"]["embedded"] == again["store"]["inserted"] == first["embeddings"]["failed"] > 0
+    assert again["sync"]["skipped"] == first["embeddings"]["succeeded"] and again["store"]["updated"] == 0
+    assert again["store"]["verified"] and again["store"]["vectors"] == len(expected_ids()) * len(MODELS)
     options = object_storage.lancedb_storage_options(runs["remote"]["store_uri"])
     for model in MODELS:
         ids = store.read_ids(runs["remote"]["store_uri"], model, options)
-        assert len(ids) == len(set(ids)) == first["per_model"][model]["succeeded"]
+        assert len(ids) == len(set(ids)) and set(ids) == expected_ids()
+
+
+@pytest.mark.airflow
+def test_an_unchanged_rerun_on_s3_makes_no_embedding_call(runs) -> None:
+    """Everything is in the S3 store: 0 embedding calls, 0 embed task instances, nothing written, store verified."""
+    unchanged = runs["unchanged"]
+    assert unchanged["embeddings"]["calls"] == unchanged["mapped_task_instances"] == 0
+    assert unchanged["sync"]["embedded"] == unchanged["sync"]["deleted"] == 0
+    assert unchanged["sync"]["skipped"] == len(expected_ids()) * len(MODELS)
+    assert (unchanged["store"]["inserted"], unchanged["store"]["updated"]) == (0, 0)
+    assert unchanged["store"]["verified"] and unchanged["dag_run"]["state"] == "success"
 
 
 @pytest.mark.airflow

@@ -80,15 +80,15 @@ def base(shared_run):
 
 @pytest.fixture(scope="module")
 def rerun(shared_run, base):
-    """The same corpus again, into the base run's store, in batches of 1."""
+    """The same corpus again, into a fresh store, in batches of 1."""
+    return shared_run("rerun", hostile_corpus, models=MODELS, batch_size=1, **CHUNKING, **FAULTS)
+
+
+@pytest.fixture(scope="module")
+def resume(shared_run, base):
+    """The same corpus again, into the base run's store, without injected faults: the failed pairs now pass."""
     return shared_run(
-        "rerun",
-        hostile_corpus,
-        models=MODELS,
-        batch_size=1,
-        store_uri=base["store"]["uri"],
-        **CHUNKING,
-        **FAULTS,
+        "resume", hostile_corpus, models=MODELS, batch_size=4, store_uri=base["store"]["uri"], **CHUNKING
     )
 
 
@@ -158,6 +158,33 @@ def test_failures_are_exactly_the_planned_permanent_faults(base):
     assert {f["kind"] for f in base["failures"]} == {"rejected"}
 
 
+@pytest.fixture(scope="module")
+def unchanged(shared_run, resume):
+    """The same corpus a third time, into the completed store."""
+    return shared_run(
+        "unchanged", hostile_corpus, models=MODELS, batch_size=4, store_uri=resume["store"]["uri"], **CHUNKING
+    )
+
+
+def test_an_unchanged_rerun_makes_no_embedding_call_and_maps_nothing(base, unchanged):
+    """Every pair is stored: the plan is empty, no embed task instance runs, no request is sent, nothing is
+    written or deleted, and the store still verifies."""
+    assert unchanged["batches"]["count"] == unchanged["mapped_task_instances"] == 0
+    embed = [t for t in unchanged["task_instances"] if t["task_id"] == EMBED_TASK]
+    assert {t["state"] for t in embed} <= {"skipped"}
+    assert (
+        unchanged["embeddings"]["calls"] == unchanged["sync"]["embedded"] == unchanged["sync"]["deleted"] == 0
+    )
+    assert (
+        unchanged["embeddings"]["skipped"]
+        == unchanged["embeddings"]["expected"]
+        == base["chunks"] * len(MODELS)
+    )
+    assert (unchanged["store"]["inserted"], unchanged["store"]["updated"]) == (0, 0)
+    assert unchanged["store"]["vectors"] == base["chunks"] * len(MODELS)
+    assert unchanged["store"]["verified"] and unchanged["dag_run"]["state"] == "success"
+
+
 @pytest.mark.smoke
 def test_failures_do_not_depend_on_batch_size(base, rerun):
     """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
@@ -167,13 +194,23 @@ def test_failures_do_not_depend_on_batch_size(base, rerun):
 
 
 @pytest.mark.smoke
-def test_rerun_upserts_without_adding_vectors(base, rerun):
-    """Re-running the same corpus into the same store inserts nothing and leaves the vector count unchanged."""
-    assert rerun["store"]["uri"] == base["store"]["uri"]
-    assert rerun["store"]["inserted"] == 0
-    assert rerun["store"]["updated"] == rerun["embeddings"]["succeeded"] == base["embeddings"]["succeeded"]
-    assert rerun["store"]["vectors"] == base["store"]["vectors"]
-    assert rerun["store"]["per_model"] == base["store"]["per_model"]
+def test_a_rerun_after_failures_embeds_exactly_the_failed_pairs(base, resume):
+    """Re-running into the same store sends only the pairs that failed (read back from the staged vectors of the
+    re-run), skips every stored one, inserts them, and leaves every chunk x model pair stored once, verified."""
+    from pipeline import staging
+
+    work = Path(resume["settings"]["work_dir"])
+    sent = set()
+    for path in work.glob("runs/*/vectors/*/*.npz"):
+        model = next(m for m in MODELS if path.parent.name.endswith(m))
+        sent |= {(cid, model) for cid in staging.read_vectors(str(path))[0]}
+    assert sent == failed_pairs(base) == {(cid, m) for cid, m in planned_permanent_failures()}
+    assert resume["sync"]["embedded"] == resume["embeddings"]["succeeded"] == len(sent)
+    assert resume["embeddings"]["skipped"] == resume["sync"]["skipped"] == base["embeddings"]["succeeded"]
+    assert resume["embeddings"]["failed"] == 0
+    assert (resume["store"]["inserted"], resume["store"]["updated"]) == (len(sent), 0)
+    assert resume["store"]["vectors"] == base["chunks"] * len(MODELS)
+    assert base["store"]["verified"] and resume["store"]["verified"]
 
 
 # XCom of the run-level tasks (settings, chunk set, plan, summary, ...): it does not grow with the corpus.

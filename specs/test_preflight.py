@@ -417,3 +417,22 @@ def test_a_refused_key_fails_each_instance_once_and_costs_only_its_model(run_dag
     ]
     assert len(openai_tis) == report["batches"]["count"]
     assert {(t["state"], t["try_number"]) for t in openai_tis} == {("failed", 1)}
+
+
+@pytest.mark.parametrize("recorded_at", [1, 2])
+def test_a_recorded_configuration_error_stops_its_try_not_a_later_one(tmp_path, recorded_at):
+    """The record stops instances of its try number or lower (no request, the recorded reason); an instance on a
+    later try (an instance cleared after the fix) loads the model again."""
+    from pipeline import staging, steps, store
+
+    s = Settings(corpus_dir=str(tmp_path), work_dir=str(tmp_path / "work"), models=("hash-words-256",))
+    directory = steps.run_dir(s, "run")
+    staging.write_text(f"{directory}/config-errors/{store.table_name('hash-words-256')}.txt",
+                       f"try {recorded_at}\nthe key was refused (401)")  # fmt: skip
+    for try_number in range(1, recorded_at + 1):
+        with pytest.raises(steps.ConfigurationError, match="refused"):
+            steps.load_embedder("hash-words-256", s, directory, try_number)
+    assert steps.load_embedder("hash-words-256", s, directory, recorded_at + 1).dim == 256
+    assert steps.config_errors(directory, ["hash-words-256"]) == {
+        "hash-words-256": "the key was refused (401)"
+    }

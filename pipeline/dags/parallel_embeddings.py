@@ -1,8 +1,8 @@
 """
 ### Parallel embeddings
 
-Embed a document corpus with dynamic task mapping: discover → chunk → plan batches →
-**embed[batch × model]** → aggregate → upsert → compare → report.
+Embed a document corpus with dynamic task mapping: discover → chunk → select pending → plan batches →
+**embed[batch × model]** → aggregate → upsert (+ cleanup, verify) → compare → report.
 
 * `granularity=batch` (default): one mapped task instance per batch × model, via `map_batches`.
 * `granularity=chunk`: one mapped task instance per chunk × model.
@@ -50,6 +50,10 @@ PARAMS = {
     "fail_seed": Param(0, type="integer", description="Seed of the injected failure set"),
     "max_failed_share": Param(0.5, type="number", minimum=0, maximum=1,
                               description="The run fails above this share of failed chunk x model pairs"),
+    "cleanup": Param("incremental", type="string", enum=["none", "incremental", "full"],
+                     description="Remove stored vectors of chunks gone from the documents read (incremental), "
+                                 "also of documents gone from the corpus (full), or none"),
+    "force_cleanup": Param(False, type="boolean", description="Allow a cleanup of more than half of the store"),
     "work_dir": Param("work", type="string", description="Staging, reports and default store location"),
     "store_uri": Param("", type="string", description="LanceDB URI; empty: <work_dir>/store"),
     "report_path": Param("", type="string", description="Report JSON path; empty: <work_dir>/reports/<run>.json"),
@@ -86,6 +90,13 @@ def _storage(uri: str, settings: Settings):
     from pipeline.object_storage import task_storage_errors
 
     return task_storage_errors(uri, settings.object_storage_conn_id)
+
+
+def _store_options(settings: Settings) -> dict:
+    """LanceDB's storage options (they hold keys): made inside the task that uses them, never returned."""
+    from pipeline.object_storage import lancedb_storage_options
+
+    return lancedb_storage_options(settings.store_uri, settings.object_storage_conn_id)
 
 
 def _run_dir(settings: Settings) -> str:
@@ -140,6 +151,19 @@ def parallel_embeddings():
         with _storage(s.work_dir, s):
             return steps.chunk_documents(s, documents, _run_dir(s)) | {"settings": settings}
 
+    @task(multiple_outputs=False)
+    def select_pending(settings: dict, chunk_set: dict, models: list) -> dict:
+        """Stage only the chunks some model lacks in the store (+ a per-model mask): a re-run maps only those."""
+        from pipeline import sync, sync_steps
+
+        s = _settings(settings)
+        try:
+            with _storage(s.store_uri, s):  # settings travel on with the pending set, as with the chunk set
+                pending = sync_steps.select_pending(s, chunk_set, models, _run_dir(s), _store_options(s))
+                return pending | {"settings": settings}
+        except sync.CleanupRefused as exc:  # the same corpus would be refused again: no retries
+            fail_task(str(exc))
+
     @task(map_index_template="{{ map_label }}", pool=EMBED_POOL, multiple_outputs=False)
     def embed_batch(chunk_set: dict, batch: dict, model: str) -> dict:
         from pipeline import steps
@@ -148,7 +172,8 @@ def parallel_embeddings():
         s = _settings(chunk_set["settings"])
         try:
             with _storage(s.work_dir, s):
-                return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s))
+                ti = get_current_context()["ti"]  # its try number: a cleared instance retries a config error
+                return steps.embed_batch(s, chunk_set, batch, model, _run_dir(s), ti.try_number)
         except (
             steps.ConfigurationError
         ) as exc:  # missing extra, connection, credentials: retrying cannot help
@@ -181,20 +206,23 @@ def parallel_embeddings():
     @task(multiple_outputs=False)
     def upsert_vectors(settings: dict, chunk_set: dict, summary: dict, models: list) -> dict:
         from pipeline import steps
-        from pipeline.object_storage import lancedb_storage_options
+        from pipeline.sync_steps import VerifyError
 
         s = _settings(settings)
-        with _storage(s.store_uri, s):  # the options hold keys: made here, passed on, never returned
-            options = lancedb_storage_options(s.store_uri, s.object_storage_conn_id)
-            return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s), options)
+        with _storage(s.store_uri, s):
+            try:
+                return steps.upsert_vectors(s, chunk_set, summary, models, _run_dir(s), _store_options(s))
+            except VerifyError as exc:  # store and run disagree after the write: say so, don't retry it away
+                fail_task(str(exc))
 
     @task
-    def compare_models(settings: dict, summary: dict, models: list) -> list:
+    def compare_models(settings: dict, chunk_set: dict, stored: dict, models: list) -> list:
+        """After the upsert (``stored``): compares the store's vectors of the corpus, embedded now or before."""
         from pipeline import steps
 
         s = _settings(settings)
-        with _storage(s.work_dir, s):
-            return steps.compare_models(s, summary, models, _run_dir(s))
+        with _storage(s.store_uri, s):
+            return steps.compare_models(s, chunk_set, models, _store_options(s))
 
     @task(multiple_outputs=False)
     def write_report(settings, documents, chunk_set, plan, summary, stored, comparison) -> dict:
@@ -215,9 +243,10 @@ def parallel_embeddings():
     models = list_models(settings)
     documents = discover_documents(settings)
     chunk_set = chunk_documents(settings, documents)
+    pending = select_pending(settings, chunk_set, models)
     plan, results = map_batches(
-        embed_batch.partial(chunk_set=chunk_set),
-        chunk_set,
+        embed_batch.partial(chunk_set=pending),
+        pending,
         batch_size=settings["effective_batch_size"],
         grow=settings["batches_may_grow"],
         request_tokens=settings["max_request_tokens"],
@@ -225,9 +254,9 @@ def parallel_embeddings():
         tokens_per_second=settings["rate_tokens_per_second"],
         model=models,
     )
-    summary = aggregate_results(settings, chunk_set, plan, models, results)
-    stored = upsert_vectors(settings, chunk_set, summary, models)
-    comparison = compare_models(settings, summary, models)
+    summary = aggregate_results(settings, pending, plan, models, results)
+    stored = upsert_vectors(settings, pending, summary, models)
+    comparison = compare_models(settings, pending, stored, models)
     write_report(settings, documents, chunk_set, plan, summary, stored, comparison)
 
 

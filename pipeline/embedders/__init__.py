@@ -31,6 +31,8 @@ __all__ = [
     "TransientEmbeddingError",
     "UnknownModelError",
     "get_embedder",
+    "input_window",
+    "model_version",
     "validate_models",
 ]
 
@@ -74,7 +76,54 @@ def get_embedder(name: str, work_dir: str | None = None) -> Embedder:
     """The embedder ``name``; ``work_dir`` holds shared state of real providers (the rate-limit buckets)."""
     validate_models([name])
     if name.startswith("openai:"):
+        import dataclasses
+
         from pipeline.embedders.openai_compat import embedder_from_connection
 
-        return embedder_from_connection(name, work_dir=work_dir)
+        embedder = embedder_from_connection(name, work_dir=work_dir)
+        model = name[len("openai:") :].partition("@")[
+            0
+        ]  # the provider's model, whichever connection serves it
+        return dataclasses.replace(embedder, version=f"{model}@{embedder.dim}")
     return _FACTORIES[name]()
+
+
+def model_version(name: str, work_dir: str | None = None) -> str:
+    """What identifies the vectors ``name`` makes, besides its name: a stored vector of another version is stale.
+
+    Hashing: their feature and width constants; MiniLM: a digest of the weights file (no model load); an
+    OpenAI-compatible model: the provider's model name and the dimension it returns (one probe, cached per process).
+    """
+    validate_models([name])
+    if name.startswith("openai:"):
+        return get_embedder(name, work_dir).version
+    if name == "minilm":
+        from pipeline.embedders.minilm import weights_version
+
+        return weights_version()
+    return _FACTORIES[name]().version
+
+
+# OpenAI's documented per-input limit, and the margin its client adds to the offline token estimate.
+OPENAI_MAX_INPUT_TOKENS, OPENAI_TOKEN_MARGIN = 8192, 0.25
+
+
+def input_window(name: str) -> tuple[int, Callable[[Sequence[str]], list[int]]] | None:
+    """``(max input tokens, token counter)`` of ``name``, or None when it reads any length whole (hashing).
+
+    A longer input would be truncated by the model (MiniLM) or refused (an API): chunks are sized to fit.
+    """
+    validate_models([name])
+    if name == "minilm":
+        from pipeline.embedders.minilm import MINILM_MAX_TOKENS, count_tokens
+
+        return MINILM_MAX_TOKENS, count_tokens
+    if name.startswith("openai:"):
+        import math
+
+        from pipeline.chunking import count_tokens as estimate
+
+        return OPENAI_MAX_INPUT_TOKENS, lambda texts: [
+            math.ceil(estimate(t) * (1 + OPENAI_TOKEN_MARGIN)) for t in texts
+        ]
+    return None

@@ -42,6 +42,8 @@ class Embedder:
     # Requests worth having in flight at once (request_concurrency "auto"): 1 for a model on this machine's
     # CPU (threads would only contend), more for a provider whose answers are waited for on the network.
     concurrency: int = 1
+    # What else identifies its vectors (weights, provider model): a stored vector of another version is stale.
+    version: str = ""
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if any(not t for t in texts):

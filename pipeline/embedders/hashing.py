@@ -39,9 +39,13 @@ def _hashing(features: Callable[[str], list[str]], dim: int) -> Callable[[Sequen
     return encode
 
 
+# Bump when the features or the hashing change: every stored hashing vector then becomes stale.
+VERSION = "crc32-signed-1"
+
+
 def hash_words_256() -> Embedder:
-    return Embedder("hash-words-256", 256, _hashing(_word_features, 256))
+    return Embedder("hash-words-256", 256, _hashing(_word_features, 256), version=f"words-1-2/256/{VERSION}")
 
 
 def hash_chars_384() -> Embedder:
-    return Embedder("hash-chars-384", 384, _hashing(_char_features, 384))
+    return Embedder("hash-chars-384", 384, _hashing(_char_features, 384), version=f"chars-3-5/384/{VERSION}")

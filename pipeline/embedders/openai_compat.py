@@ -343,7 +343,7 @@ class OpenAIEmbeddingClient:
             name or f"{PREFIX}{self.model}",
             self.probe_dimensions(),
             self.encode,
-            requests_in_flight(self.limits),
+            concurrency=requests_in_flight(self.limits),
         )
 
     def close(self) -> None:
