@@ -286,7 +286,9 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
         f"chunks: {report['chunks']} ({report['tokens']} tokens) x models {', '.join(report['models'])}",
         f"mapped task instances: {report['mapped_task_instances']} ({report['granularity']}; "
         f"{report['batches']['count']} inputs x {len(report['models'])} models)",
-        f"embeddings: {e['succeeded']}/{e['expected']} succeeded, {e['failed']} failed, {e['retried']} retried",
+        # an incremental re-run sends only the pending pairs: the stored ones are neither successes nor failures
+        f"embeddings: {e['succeeded']}/{e['expected'] - e.get('skipped', 0)} succeeded, {e['failed']} failed, "
+        f"{e['retried']} retried" + (f", {e['skipped']} already stored" if e.get("skipped") else ""),
         f"store: {s['vectors']} vectors at {s['uri']} ({s['inserted']} new, {s['updated']} rewritten)"
         + (", verified" if s.get("verified") else ""),
     ]
@@ -309,8 +311,9 @@ def render_summary(report: dict[str, Any], seconds: float) -> str:
                      f"embed tries per worker: {ran}")  # fmt: skip
     for name, m in report["per_model"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
+        stored = f"  already stored {m['skipped']}" if m.get("skipped") else ""
         lines.append(
-            f"  {name:<16} dim {m['dim']}  ok {m['succeeded']}  failed {m['failed']}  mean norm {norm}"
+            f"  {name:<16} dim {m['dim'] or '-'}  ok {m['succeeded']}  failed {m['failed']}{stored}  mean norm {norm}"
         )
     for c in report["comparison"]:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

@@ -185,6 +185,19 @@ def test_an_unchanged_rerun_makes_no_embedding_call_and_maps_nothing(base, uncha
     assert unchanged["store"]["verified"] and unchanged["dag_run"]["state"] == "success"
 
 
+def test_the_summary_of_an_unchanged_rerun_counts_stored_pairs_apart_from_successes(base, unchanged):
+    """The console summary of a re-run that embeds nothing says 0 of 0 pending pairs succeeded and how many were
+    already stored (not "0/N succeeded", which reads as a failed run)."""
+    from pipeline.__main__ import render_summary
+
+    stored = base["chunks"] * len(MODELS)
+    text = render_summary(unchanged, 1.0)
+    assert f"embeddings: 0/0 succeeded, 0 failed, 0 retried, {stored} already stored" in text
+    assert [f"already stored {base['chunks']}" in line for line in text.splitlines() if " dim " in line] == [
+        True
+    ] * len(MODELS)
+
+
 @pytest.mark.smoke
 def test_failures_do_not_depend_on_batch_size(base, rerun):
     """Batches of 1 and of 4 fail exactly the same (chunk, model) pairs."""
