@@ -12,7 +12,6 @@ import urllib.request
 from typing import Any
 
 import psutil
-import pytest
 
 from pipeline import DAG_ID
 from pipeline.emulator import Emulator, EmulatorConfig
@@ -39,11 +38,16 @@ def get(url: str, timeout: float = 30) -> tuple[int, str]:
         return 0, repr(exc)
 
 
-@pytest.mark.skipif(
-    AIRFLOW_3,
-    reason="unresolved on Airflow 3.3 (2026-11-27): from this process every GET to the api-server's port was "
-    "refused during the run, while curl from a shell got 200 from /api/v2/dags/parallel_embeddings",
-)
+def ui_port(argv: list[str]) -> int | None:
+    """The port of a UI process from its command line: ``--port N`` as started, or ``port:N`` once Airflow 3's
+    api-server has retitled itself (``airflow api_server -- host:127.0.0.1 port:N``, setproctitle)."""
+    text = " ".join(argv)
+    if UI_PROCESS not in text and UI_PROCESS.replace("-", "_") not in text:
+        return None
+    found = re.search(r"(?:--port |port:)(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 def test_ui_serves_the_dag_without_a_login_during_the_run_and_stops_with_it(cluster_home, tmp_path):
     """While a --ui Celery run lasts, the UI process on 127.0.0.1 answers the DAG's page (Airflow 2) or its API
     (Airflow 3) with 200, no login; the printed URL is on that port; the UI process is gone afterwards."""
@@ -55,11 +59,11 @@ def test_ui_serves_the_dag_without_a_login_during_the_run_and_stops_with_it(clus
     def ask_the_ui(parent: psutil.Process, _: dict[int, float]) -> bool:
         for p in parent.children():
             try:
-                argv = p.cmdline()
+                port = ui_port(p.cmdline())
             except psutil.Error:
                 continue
-            if UI_PROCESS in argv and "--port" in argv:
-                seen["port"] = int(argv[argv.index("--port") + 1])
+            if port is not None:
+                seen["port"] = port
                 seen["status"], body = get(f"http://127.0.0.1:{seen['port']}{path}")
                 seen.setdefault("answers", []).append((round(time.monotonic(), 1), seen["status"]))
                 seen["names_the_dag"], seen["tail"] = DAG_ID in body, body[-200:]
