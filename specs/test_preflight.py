@@ -256,9 +256,9 @@ def test_an_api_model_without_the_openai_extra_names_what_to_install(monkeypatch
 )
 def test_minilm_without_its_extra_names_the_install_command():
     """minilm without torch/transformers: one line naming the model, what is missing and the pip command."""
-    with pytest.raises(
-        PreflightError, match=r"^models: minilm: torch, transformers not installed; .*pip install"
-    ):
+    missing = ", ".join(m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None)
+    # CI installs transformers alone (MiniLM's tokenizer for the input-window specs): then only torch is missing
+    with pytest.raises(PreflightError, match=rf"^models: minilm: {missing} not installed; .*pip install"):
         check_model("minilm")
 
 
