@@ -238,3 +238,33 @@ def test_vectors_are_float32_whatever_the_encoder_returns() -> None:
     """An encoder returning float64 (a provider's JSON, torch defaults) still yields float32 rows for the store."""
     vectors = Embedder("f64", 2, lambda texts: np.ones((len(texts), 2), np.float64)).embed(["a"])
     assert vectors.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["openai:", "openai:@emb_offline", "openai:@"])
+def test_a_prefixed_name_without_a_model_is_rejected(name: str) -> None:
+    """``openai:`` needs a model before any ``@<conn_id>``: ``openai:`` or ``openai:@conn`` is an unknown model."""
+    with pytest.raises(UnknownModelError, match="unknown model"):
+        validate_models([name])
+
+
+def test_a_prefixed_name_with_a_model_is_known() -> None:
+    """``openai:<model>`` and ``openai:<model>@<conn_id>`` are valid model names (resolved later, by connection)."""
+    names = ["openai:text-embedding-3-small", "openai:m@emb_offline"]
+    assert validate_models(names) == names
+
+
+def test_every_unknown_model_is_named_in_the_error() -> None:
+    """Several unknown models are listed comma-separated in one error, before the known ones."""
+    with pytest.raises(UnknownModelError) as raised:
+        validate_models(["nope", "hash-words-256", "also-nope"])
+    assert str(raised.value).startswith("unknown model(s) nope, also-nope; known: hash-words-256, ")
+
+
+def test_an_openai_models_rate_buckets_live_in_the_work_dir(monkeypatch, tmp_path) -> None:
+    """The SQLite rate-limit buckets of ``openai:<model>@<conn>`` are under ``<work_dir>/ratelimit``, shared by
+    the tasks that share that work dir."""
+    extra = {"dimensions": 8, "requests_per_minute": 60}
+    conn = {"conn_type": "http", "host": "http://127.0.0.1:9", "password": "k", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_EMB_OFFLINE", json.dumps(conn))
+    get_embedder("openai:some-model@emb_offline", work_dir=str(tmp_path))
+    assert any(p.suffix == ".sqlite" for p in (tmp_path / "ratelimit").iterdir())

@@ -121,6 +121,7 @@ def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
 
 @example("a/b", "a_b").via("a slash and an underscore once mapped to the same table")
 @example("hash-words-256", "hash_words_256").via("hyphens are kept, not replaced")
+@example("a/b", "a b").via("two names escaped to one readable form differ by their digest")
 @given(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30))
 def test_table_names_are_safe_and_distinct_for_distinct_models(a: str, b: str) -> None:
     """Any model name maps to an ``emb_`` table name of [0-9A-Za-z_.-] only; distinct models never share one."""
@@ -139,3 +140,41 @@ def test_the_table_schema_is_typed_for_vector_search(tmp_path) -> None:
     assert schema.field("id").type == pa.string()
     assert schema.field("ordinal").type == pa.int32()
     assert schema.field("vector").type == pa.list_(pa.float32(), 4)
+
+
+@given(st.text(alphabet="0123456789ABCXYZabcxyz_.-", min_size=1, max_size=30))
+def test_a_model_name_of_safe_characters_is_its_table_name(model: str) -> None:
+    """A model name of [0-9A-Za-z_.-] only is kept as it is (upper and lower case alike), after ``emb_``."""
+    assert store.table_name(model) == "emb_" + model
+
+
+@example("m/odd name").via("the escaped model of the state machine")
+@given(st.text(min_size=1, max_size=30).filter(lambda m: re.search(r"[^0-9A-Za-z_.-]", m)))
+def test_an_escaped_model_name_ends_in_a_short_digest(model: str) -> None:
+    """A model name that needed escaping gets ``-`` and 8 hex digits of its digest: distinct and still short."""
+    assert re.fullmatch(r"emb_[0-9A-Za-z_.-]+-[0-9a-f]{8}", store.table_name(model))
+    assert store.table_name(model)[: -len("-01234567")] == "emb_" + re.sub(r"[^0-9A-Za-z_.-]", "_", model)
+
+
+def test_upserts_compact_the_table_by_default(tmp_path) -> None:
+    """Each upsert leaves its table compacted into one fragment unless asked not to (``compact=False``)."""
+    uri = str(tmp_path)
+    for i in range(3):
+        store.upsert(uri, "m", POOL[i : i + 1], vectors_for([i], 1))
+        store.upsert(uri, "raw", POOL[i : i + 1], vectors_for([i], 1), compact=False)
+    db = store.connect(uri)
+    fragments = {
+        m: db.open_table(store.table_name(m)).stats()["fragment_stats"]["num_fragments"]
+        for m in "m raw".split()
+    }
+    assert fragments == {"m": 1, "raw": 3}
+
+
+def test_every_models_table_is_found_however_many_models_there_are(tmp_path) -> None:
+    """Counting and listing see each model's table even past a page of table names (LanceDB lists 10 at a time)."""
+    uri = str(tmp_path)
+    models = [f"model-{i:02d}" for i in range(12)]
+    for i, model in enumerate(models):
+        store.upsert(uri, model, POOL[i : i + 1], vectors_for([i], 1), compact=False)
+    assert store.count_vectors(uri, models) == dict.fromkeys(models, 1)
+    assert [store.read_ids(uri, model) for model in models] == [[c.id] for c in POOL[:12]]
