@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-TOKEN_UNITS_PER_WINDOW = 10_000
+TOKEN_UNITS_PER_WINDOW = 10_000  # buckets store one entry per unit: tokens are metered in coarse units
 # Requests in flight at once per task instance under request_concurrency "auto": enough to hide a provider's
 # latency (a request waits ~0.2-1 s on the network) and fill its rate budget from one process; the shared
 # budget, not this number, keeps them inside the limits. Bounded so that a provider without limits is not
 # flooded by (task instances x this) connections.
-MAX_IN_FLIGHT = 8  # buckets store one entry per unit: tokens are metered in coarse units
+MAX_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)
