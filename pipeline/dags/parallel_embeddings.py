@@ -128,7 +128,8 @@ def parallel_embeddings():
         except PreflightError as exc:
             fail_task(str(exc))
         # The API models' token budget sizes batch_size auto (a task instance carries seconds of it).
-        return settings.as_dict() | {"rate_tokens_per_second": rate_tokens_per_second(settings.models)}
+        # 0.0, not None, without a budget: Airflow 3.0's execution API rejects an XCom whose value is None
+        return settings.as_dict() | {"rate_tokens_per_second": rate_tokens_per_second(settings.models) or 0.0}
 
     @task
     def list_models(settings: dict) -> list[str]:
