@@ -83,10 +83,14 @@ def test_each_unwritable_local_location_is_named_by_its_setting(tmp_path, corpus
 
 def test_without_connections_nothing_remote_is_checked_and_nothing_probed_locally(corpus, monkeypatch):
     """connections=False (the CLI before a home exists): s3:// locations and API connections are left alone."""
-    monkeypatch.chdir("/proc")  # a local probe of an s3:// path (relative: "s3:/b/...") would fail here
+    monkeypatch.chdir(
+        "/proc"
+    )  # a local probe of an s3:// path (relative: "s3:/b/...") raises here (read-only)
     monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
     remote = {"work_dir": "s3://b/w", "store_uri": "s3://b/s", "report_path": "s3://b/r/report.json"}
-    check(Settings(corpus_dir=str(corpus), models=("openai:m@no_such_conn",), **remote), connections=False)
+    settings = Settings(corpus_dir=str(corpus), models=("openai:m@no_such_conn",), **remote)
+    # a check of the missing connection or a probe of the s3:// paths would raise PreflightError instead
+    assert check(settings, connections=False) is None
 
 
 def test_by_default_api_connections_are_checked(tmp_path, corpus, monkeypatch):
