@@ -1,6 +1,6 @@
 """Command line: ``python -m pipeline run CORPUS_DIR [options]`` runs the DAG through Airflow and reports.
 
-Other commands: ``sample-corpus DIR`` writes the offline sample corpus.
+Other commands: ``sample-corpus DIR`` writes the offline sample corpus; ``bench`` (:mod:`pipeline.bench_cli`).
 
 Exit codes of ``run``: 0 every chunk x model pair embedded; 3 the run succeeded but some pairs failed (listed in
 the report, within ``--max-failed-share``); 1 the run failed; 2 a usage or configuration error, found before any
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import bench_cli
 from pipeline.corpus import CorpusError
 from pipeline.object_storage import ObjectStorageError
 from pipeline.preflight import PreflightError
@@ -165,29 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--executor local/celery: give up on the run after this many seconds (default 1800)",
     )
 
-    bench = commands.add_parser("bench", help="benchmark orchestration overhead against the raw embedder")
-    bench.add_argument("--quick", action="store_true", help="small corpus, 2 repetitions (< 3 min)")
-    bench.add_argument("--json", help="also write the figures as JSON here")
-    bench.add_argument(
-        "--api", action="store_true", help="throughput against a rate-limited emulated provider, per executor"
-    )
-    bench.add_argument(
-        "--model",
-        action="append",
-        help="embedder to measure, repeatable (default: hash-words-256; the full run adds minilm if installed)",
-    )
-    bench.add_argument(
-        "--api-modes", help="--api: comma-separated modes (default: dag.test,local-4,local-8,celery-2)"
-    )
-    bench.add_argument(
-        "--api-set", action="append", metavar="SETTING=VALUE", default=[],
-        help="--api: a run setting for every mode, e.g. request_concurrency=1 (repeatable; to compare levers)",
-    )  # fmt: skip
-    bench.add_argument("--corpus", help="corpus folder (default: the sample corpus)")
-    bench.add_argument("--work-dir", help="scratch folder (default: a new temporary folder)")
-    bench.add_argument("--airflow-home", help="Airflow home (default: inside the work dir)")
-    bench.add_argument("--plot", help="write a PNG plot (chunks/s against batch size; needs the plot extra)")
-    bench.add_argument("--plot-from", nargs="+", metavar="JSON", help="only plot these bench JSON files")
+    bench_cli.add_parser(commands)
 
     sample = commands.add_parser("sample-corpus", help="write the offline sample corpus (Python stdlib docs)")
     sample.add_argument("directory")
@@ -339,14 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"wrote {len(write_sample_corpus(args.directory, limit=args.limit))} documents to {args.directory}"
             )
             return EXIT_OK
-        if args.command == "bench" and args.api:
-            from pipeline.bench_api import main as bench_api_main
-
-            return bench_api_main(args)
         if args.command == "bench":
-            from pipeline.bench import main as bench_main
-
-            return bench_main(args)
+            return bench_cli.main(args)
         return command_run(args)
     except KeyboardInterrupt:
         print("error: interrupted (Airflow processes stopped)", file=sys.stderr)

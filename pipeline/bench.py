@@ -8,13 +8,11 @@ the median of several repetitions. Nothing here is asserted: benchmarks are not 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -323,53 +321,3 @@ def render(result: dict[str, Any]) -> str:
         f"{k:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, cells, strict=True))
         for k, values in rows
     ).rstrip()
-
-
-def main(args: Any) -> int:
-    if args.plot_from:
-        plot([json.loads(Path(p).read_text()) for p in args.plot_from], args.plot)
-        print(f"wrote {args.plot}")
-        return 0
-    from pipeline import runner
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
-    runner.use_airflow_home(args.airflow_home or work / "airflow")
-    models = args.model or default_models(args.quick)
-    result = run_bench(quick=args.quick, models=models, work=work, corpus_dir=args.corpus)
-    print(render(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.plot:
-        plot([result], args.plot)
-    return 0
-
-
-def plot(results: list[dict[str, Any]], path: str) -> None:
-    """chunks/s against batch size, one line per Airflow version and embedder (needs the ``plot`` extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [(result["airflow_version"], run) for result in results
-            for run in result.get("by_embedder", {result["embedder"]: result}).values()]  # fmt: skip
-    embedders = sorted({run["embedder"] for _, run in runs})
-    fig, axes = plt.subplots(1, len(embedders), figsize=(6.2 * len(embedders), 4.2), squeeze=False)
-    for ax, embedder in zip(axes[0], embedders, strict=True):
-        for version, run in sorted((r for r in runs if r[1]["embedder"] == embedder), key=lambda r: r[0]):
-            points = sorted(run["sweep"], key=lambda p: p["batch_size"])
-            line = ax.plot([p["batch_size"] for p in points], [p["chunks_per_s"] for p in points], marker="o",
-                           label=f"Airflow {version}")[0]  # fmt: skip
-            ax.axhline(run["raw_chunks_per_s"], color=line.get_color(), linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("chunks per mapped task instance (1 = granularity chunk)")
-        ax.set_ylabel("chunks / s (dag.test, one model)")
-        ax.set_title(f"{embedder} (dotted: the embedder alone)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("Batched vs per-chunk mapping")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

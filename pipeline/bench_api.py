@@ -332,6 +332,8 @@ def main(args: Any) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-api-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if not args.work_dir:  # mkdtemp's 0700 would keep PostgreSQL (user postgres, mode celery-2) out of its home
+        work.chmod(0o755)
     os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
     runner.use_airflow_home(args.airflow_home or work / "airflow")
     overrides = dict(item.split("=", 1) for item in args.api_set)
