@@ -120,10 +120,20 @@ def test_a_url_path_and_the_paths_under_it_go_through_the_connection_given(tmp_p
 
 @pytest.mark.parametrize("scheme", ["file", "local"])
 def test_a_chunk_set_on_a_url_names_its_connection_in_its_reference(tmp_path, scheme: str) -> None:
-    """A URL chunk set's reference adds the conn_id (readers in other tasks reach it through it), created folders
-    included: ``local://`` is Airflow's other name for the local file system."""
+    """A URL chunk set's reference adds its conn_id (an id, never a key): readers in other tasks go through it."""
     chunks = [Chunk(chunk_id("a.txt", i, f"text {i}"), "a.txt", i, f"text {i}", 2) for i in range(3)]
-    uri = f"{scheme}://{tmp_path}/new/set"
+    uri = f"{scheme}://{tmp_path}/set"
     ref = staging.write_chunk_set(uri, chunks, conn_id="staging_conn")
     assert ref == {"uri": uri, "count": 3, "tokens": 6, "conn_id": "staging_conn"}
     assert staging.read_chunks(ref) == chunks
+
+
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_local_urls_get_the_folders_they_need(tmp_path, scheme: str) -> None:
+    """``file://`` and ``local://`` (Airflow's two names for the local disk) get missing folders made, as paths do."""
+    base = f"{scheme}://{tmp_path}"
+    ref = staging.write_chunk_set(f"{base}/runs/r/chunks", [Chunk("a#0:x", "a", 0, "text", 1)])
+    staging.write_vectors(f"{base}/runs/r/vectors/m/000001.npz", ["a#0:x"], np.eye(1, dtype=np.float32))
+    staging.write_text(f"{base}/reports/r.json", "{}")
+    assert staging.read_chunks(ref)[0].text == "text" and staging.read_text(f"{base}/reports/r.json") == "{}"
+    assert staging.read_vectors(f"{base}/runs/r/vectors/m/000001.npz")[0] == ["a#0:x"]
