@@ -54,7 +54,7 @@ class Settings:
     report_path: str = ""  # default: <work_dir>/reports/<run id>.json
     object_storage_conn_id: str = OBJECT_STORAGE_CONN_ID  # connection of s3://… paths (its id, never keys)
     compare_max_chunks: int = 2000
-    # Failure budget: above this share of failed chunk x model pairs the run fails (0 < share <= 1).
+    # Failure budget: above this share of failed chunk x model pairs the run fails (0 <= share <= 1).
     max_failed_share: float = 0.5
     # Incremental sync (pipeline.sync): which stored vectors the run removes, and the guard's override.
     cleanup: str = "incremental"

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
 pytest.importorskip("s3fs", reason="needs the s3 extra: pip install -e '.[s3]'")
 
-from pipeline import object_storage, store  # noqa: E402
+from pipeline import object_storage, staging, store  # noqa: E402
 from pipeline.chunking import chunk_text  # noqa: E402
 from pipeline.local_s3 import LocalS3, free_port  # noqa: E402
 
@@ -202,6 +202,24 @@ def test_check_location_accepts_a_writable_bucket_and_leaves_nothing(s3) -> None
     prefix = f"probe-{uuid.uuid4().hex[:8]}"
     object_storage.check_location(f"s3://{s3.bucket}/{prefix}", "aws_default")
     assert s3.objects(prefix) == {}
+
+
+def test_a_chunk_set_on_s3_is_written_and_read_through_the_connection_named(s3, monkeypatch) -> None:
+    """Staging reaches S3 through the connection it is given (any id, not only aws_default), writing and reading."""
+    monkeypatch.setenv("AIRFLOW_CONN_STAGING_S3", s3.connection())
+    prefix = f"named-{uuid.uuid4().hex[:8]}"
+    chunks = chunk_text("a.txt", DOCUMENTS["a.txt"], max_tokens=8, overlap=2)
+    ref = staging.write_chunk_set(f"s3://{s3.bucket}/{prefix}/chunks", chunks, "staging_s3")
+    assert ref["conn_id"] == "staging_s3" and staging.read_chunks(ref) == chunks
+    assert set(s3.objects(prefix)) == {f"{prefix}/chunks/chunks.jsonl", f"{prefix}/chunks/index.npz"}
+
+
+def test_staging_into_a_missing_bucket_fails_and_creates_no_bucket(s3) -> None:
+    """Object stores have no folders to make: staging into a bucket that does not exist fails, and leaves none."""
+    bucket = f"no-such-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(FileNotFoundError):
+        staging.write_chunk_set(f"s3://{bucket}/work/chunks", [], "aws_default")
+    assert bucket not in {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
 
 
 def test_check_location_on_a_local_folder_creates_it_and_leaves_it_empty(tmp_path) -> None:

@@ -32,6 +32,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "max_attempts": [0],
     "backoff_seconds": [-1, "slow"],
     "compare_max_chunks": [1, 0],
+    "max_failed_share": [-0.1, 1.5, "most"],
+    "object_storage_conn_id": [""],
 }
 bad_settings = st.sampled_from(sorted(BAD_VALUES)).flatmap(
     lambda k: st.tuples(st.just(k), st.sampled_from(BAD_VALUES[k]))
@@ -143,6 +145,8 @@ FIXES: dict[str, tuple[Any, str]] = {
     "max_attempts": (0, "must be >= 1"),
     "backoff_seconds": (-1.0, "must be >= 0"),
     "compare_max_chunks": (1, "must be >= 2"),
+    "max_failed_share": (1.5, "must be between 0 and 1"),
+    "object_storage_conn_id": ("", "name an Airflow connection"),
     "extensions": ((), "list at least one file extension, e.g. .txt"),
 }
 
@@ -161,6 +165,7 @@ SMALLEST_ACCEPTED = {
     "batch_size": 1, "max_request_tokens": 1, "max_request_inputs": 1, "request_concurrency": 1,
     "max_document_bytes": 1, "max_attempts": 1,
     "backoff_seconds": 0.0, "compare_max_chunks": 2,
+    "max_failed_share": 0.0,  # no failed pair tolerated
 }  # fmt: skip
 
 
@@ -168,6 +173,16 @@ SMALLEST_ACCEPTED = {
 def test_lower_bounds_are_inclusive(name: str) -> None:
     """Each numeric setting accepts its documented minimum itself."""
     assert getattr(Settings("c", **{name: SMALLEST_ACCEPTED[name]}), name) == SMALLEST_ACCEPTED[name]
+
+
+# The largest value each bounded setting accepts (a share or a probability: 1 itself is allowed).
+LARGEST_ACCEPTED = {"max_failed_share": 1.0, "fail_rate": 1.0, "transient_rate": 1.0}
+
+
+@pytest.mark.parametrize("name", sorted(LARGEST_ACCEPTED))
+def test_upper_bounds_are_inclusive(name: str) -> None:
+    """A share or a rate may be 1 itself (max_failed_share=1: fail only when nothing succeeded)."""
+    assert getattr(Settings("c", **{name: LARGEST_ACCEPTED[name]}), name) == LARGEST_ACCEPTED[name]
 
 
 def test_a_one_token_chunk_budget_is_accepted_with_no_overlap() -> None:

@@ -11,6 +11,10 @@ from pipeline import staging
 from pipeline.chunking import Chunk, chunk_id
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40)
+# Text that JSON writes as it is (it escapes quotes, backslashes and control characters).
+verbatim_texts = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters='"\\')
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -87,3 +91,49 @@ def test_a_file_url_stages_through_airflows_object_storage_path(tmp_path) -> Non
     assert staging.read_chunks(ref, 1, 3) == chunks[1:]
     staging.write_vectors(f"file://{tmp_path}/v/1.npz", ["x", "y"], np.eye(2, dtype=np.float32))
     assert staging.read_vectors(f"file://{tmp_path}/v/1.npz")[0] == ["x", "y"]
+
+
+@example(["Grüße aus 東京 🚀"]).via("non-ASCII text is staged as UTF-8, not as \\u escapes")
+@given(st.lists(verbatim_texts))
+def test_staged_chunk_text_is_utf8_as_written(tmp_path_factory, bodies: list[str]) -> None:
+    """chunks.jsonl holds each chunk's text verbatim in UTF-8 (no \\u escapes: staging costs the text's own bytes)."""
+    chunks = [Chunk(chunk_id("d.txt", i, t), "d.txt", i, t, 1) for i, t in enumerate(bodies)]
+    root = tmp_path_factory.mktemp("set")
+    staging.write_chunk_set(str(root), chunks)
+    lines = (root / "chunks.jsonl").read_bytes().splitlines()
+    assert [t.encode("utf-8") in line for t, line in zip(bodies, lines, strict=True)] == [True] * len(bodies)
+
+
+def test_a_local_chunk_set_reference_carries_no_connection(tmp_path) -> None:
+    """A chunk set on local disk is referenced by exactly its uri, count and tokens: a path needs no connection."""
+    ref = staging.write_chunk_set(str(tmp_path), [Chunk("a#0:x", "a", 0, "text", 3)], conn_id="aws_default")
+    assert ref == {"uri": str(tmp_path), "count": 1, "tokens": 3}
+
+
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_a_url_path_and_the_paths_under_it_go_through_the_connection_given(tmp_path, scheme: str) -> None:
+    """as_path(url, conn_id) is an ObjectStoragePath of that connection, and so is every path joined under it."""
+    path = staging.as_path(f"{scheme}://{tmp_path}/set", "staging_conn")
+    conn_ids = [p.serialize()["conn_id"] for p in (path, path / "chunks.jsonl", path.parent)]
+    assert conn_ids == ["staging_conn"] * 3
+
+
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_a_chunk_set_on_a_url_names_its_connection_in_its_reference(tmp_path, scheme: str) -> None:
+    """A URL chunk set's reference adds its conn_id (an id, never a key): readers in other tasks go through it."""
+    chunks = [Chunk(chunk_id("a.txt", i, f"text {i}"), "a.txt", i, f"text {i}", 2) for i in range(3)]
+    uri = f"{scheme}://{tmp_path}/set"
+    ref = staging.write_chunk_set(uri, chunks, conn_id="staging_conn")
+    assert ref == {"uri": uri, "count": 3, "tokens": 6, "conn_id": "staging_conn"}
+    assert staging.read_chunks(ref) == chunks
+
+
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_local_urls_get_the_folders_they_need(tmp_path, scheme: str) -> None:
+    """``file://`` and ``local://`` (Airflow's two names for the local disk) get missing folders made, as paths do."""
+    base = f"{scheme}://{tmp_path}"
+    ref = staging.write_chunk_set(f"{base}/runs/r/chunks", [Chunk("a#0:x", "a", 0, "text", 1)])
+    staging.write_vectors(f"{base}/runs/r/vectors/m/000001.npz", ["a#0:x"], np.eye(1, dtype=np.float32))
+    staging.write_text(f"{base}/reports/r.json", "{}")
+    assert staging.read_chunks(ref)[0].text == "text" and staging.read_text(f"{base}/reports/r.json") == "{}"
+    assert staging.read_vectors(f"{base}/runs/r/vectors/m/000001.npz")[0] == ["a#0:x"]
