@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
@@ -36,7 +37,8 @@ names = st.sampled_from([f"doc{i}.txt" for i in range(6)] + ["sub/a.md", "sub/b.
 
 
 class SyncedStore(RuleBasedStateMachine):
-    """Add, edit, delete and rename documents, inject failures, switch a model's version, re-run."""
+    """Add, edit, delete and rename documents, inject failures, switch a model's version, re-run; the store and
+    the sync counts (embedded, skipped, reused, deleted) follow."""
 
     @initialize()
     def start(self) -> None:
@@ -103,13 +105,14 @@ class SyncedStore(RuleBasedStateMachine):
         have = {m: {t for t, v in self.rows[m].values() if v == versions[m]} for m in MODELS}
         expected_sent = {m: {c.id for c in chunks if c.text not in have[m]} for m in MODELS}
 
-        sent, summary, lost = self.execute(fail_rate, fail_seed, lose)
+        sent, summary, lost, counts = self.execute(fail_rate, fail_seed, lose)
 
         plan = FaultPlan(fail_rate, 0.0, fail_seed)
         for m in MODELS:
             assert sent[m] == expected_sent[m], f"{m}: sent pairs differ from new + changed + failed"
             failed = {i for i in sent[m] if plan.fault(i, m) is Fault.PERMANENT} | lost[m]
             assert {f["chunk_id"] for f in summary["failures"] if f["model"] == m} == failed
+            before = dict(self.rows[m])
             for c in chunks:
                 if c.id not in failed:
                     self.rows[m][c.id] = (c.text, versions[m])
@@ -119,6 +122,13 @@ class SyncedStore(RuleBasedStateMachine):
                 for i, row in self.rows[m].items()
                 if i in ids or (self.cleanup == "incremental" and i.rpartition("#")[0] not in self.corpus)
             }
+            stored = {c.id for c in chunks if before.get(c.id) == (c.text, versions[m])}
+            assert counts[m] == {  # what the report's sync section says, per model
+                "embedded": len(sent[m] - failed),
+                "skipped": len(chunks) - len(sent[m]),  # stored, or reused from a row with the same text
+                "reused": len(chunks) - len(sent[m]) - len(stored),
+                "deleted": len(set(before) - set(self.rows[m])),
+            }, m
         assert summary["succeeded"] + summary["failed"] + summary["skipped"] == len(chunks) * len(MODELS)
         self.check_store(versions)
 
@@ -153,7 +163,7 @@ class SyncedStore(RuleBasedStateMachine):
         summary = steps.aggregate_results(pending, plan, MODELS, results, directory)
         stored = steps.upsert_vectors(s, pending, summary, MODELS, directory)
         assert stored["verified"]
-        return sent, summary, lost
+        return sent, summary, lost, stored["sync"]["per_model"]
 
     def check_store(self, versions: dict[str, str]) -> None:
         uri = str(self.root / "work" / "store")
@@ -217,8 +227,6 @@ def select(s: Settings, run: str):
 
 def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_count(tmp_path) -> None:
     """A row the run counts as stored but gone by the upsert (another writer, a lost write): VerifyError, '1 missing'."""
-    import pytest
-
     s = one_model_settings(tmp_path, "Alpha beta gamma. " * 20)
     directory, pending, summary = select(s, "first")
     assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
@@ -291,8 +299,6 @@ def test_a_shifted_chunk_gets_the_stored_vector_copied_bit_for_bit_not_recompute
 def test_a_reused_row_gone_before_the_upsert_fails_verification_as_lost_reuse(tmp_path) -> None:
     """A shifted chunk counted as reused whose source row vanished before the upsert (another writer) has its
     vector nowhere: VerifyError naming '1 lost_reuse' (and no other difference)."""
-    import pytest
-
     s = one_model_settings(tmp_path, paragraphs(*WORDS[:4]))
     (tmp_path / "corpus" / "b.txt").write_text(paragraphs(*WORDS[4:]))
     directory, pending, summary = select(s, "first")
@@ -315,8 +321,6 @@ def test_a_cleanup_above_the_guard_is_refused_before_anything_is_embedded_and_fo
     the store keeps every row; with force_cleanup the same run deletes them and verifies."""
     import dataclasses
 
-    import pytest
-
     from pipeline.sync import CleanupRefused
 
     s = one_model_settings(tmp_path, paragraphs(*WORDS[:4]))
@@ -336,8 +340,6 @@ def test_a_cleanup_above_the_guard_is_refused_before_anything_is_embedded_and_fo
 def test_an_upsert_without_its_sync_plan_names_it_and_says_to_clear_select_pending_too(tmp_path) -> None:
     """The upsert reads the plan select_pending staged; without it (staging removed, only the upsert cleared) it
     fails naming the file and the fix, before writing anything."""
-    import pytest
-
     s = one_model_settings(tmp_path, paragraphs(*WORDS[:2]))
     directory, pending, summary = select(s, "first")
     shutil.rmtree(f"{directory}/sync")
@@ -346,3 +348,44 @@ def test_an_upsert_without_its_sync_plan_names_it_and_says_to_clear_select_pendi
     plan = f"{directory}/sync/{store.table_name(MODELS[0])}.json"
     assert str(raised.value) == f"{plan}: no sync plan; clear select_pending too"
     assert store.read_index(s.store_uri, MODELS[0]) == {}
+
+
+@pytest.mark.parametrize(("tamper", "difference"), [("re-embed", "1 stale"), ("add", "1 extra")])
+def test_a_store_another_writer_changed_during_the_run_fails_verification_naming_the_difference(
+    tmp_path, tamper: str, difference: str
+) -> None:
+    """Between select_pending and the upsert another writer re-embeds a row the run counts as stored with
+    another model version (stale), or adds a row the run does not expect (extra): VerifyError with the count."""
+    model = MODELS[0]
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:2]))
+    directory, pending, summary = select(s, "first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    directory, pending, summary = select(s, "second")  # everything stored: nothing to write
+    if tamper == "re-embed":
+        chunks, version = chunk_text("a.txt", paragraphs(*WORDS[:2]), max_tokens=CHUNK_TOKENS)[:1], "another"
+    else:
+        chunks, version = (
+            chunk_text("z.txt", paragraphs("zeta"), max_tokens=CHUNK_TOKENS),
+            model_version(model),
+        )
+    store.upsert(s.store_uri, model, chunks, np.eye(256, dtype=np.float32)[:1], version=version)
+    with pytest.raises(sync_steps.VerifyError) as raised:
+        steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+    assert (
+        str(raised.value) == f"the store does not match the run: {model}: {difference} (store {s.store_uri})"
+    )
+
+
+def test_reused_vectors_are_written_when_the_models_only_embed_task_instance_left_no_result() -> None:
+    """An insertion shifts a document and the one task instance embedding the new chunk for a model fails (no
+    result, so no vector width from the run): the shifted chunks' vectors are still copied, the new one fails."""
+    machine = SyncedStore()
+    try:
+        machine.start()
+        machine.add_or_replace_a_document("doc0.txt", paragraphs(*WORDS[:3]))
+        machine.run(0.0, 0, False)
+        machine.insert("doc0.txt", PARAGRAPH.format("new", "text"))
+        machine.run(0.0, 0, True)  # drops the first embed result: the new chunk x the first model
+        assert len(machine.rows[MODELS[0]]) == 3 and len(machine.rows[MODELS[1]]) == 4
+    finally:
+        machine.teardown()
