@@ -322,7 +322,7 @@ def test_one_model_with_two_dimensions_is_an_error_naming_both(run: SyntheticRun
 
 
 @given(st.integers(1, 12), st.integers(1, 24), st.floats(1e-3, 1e25), st.integers(0, 2**32 - 1))
-@example(3, 4, 1e20, 0).via("squares beyond float32's range: a provider's unnormalised vectors")
+@example(3, 4, 1e20, 0).via("squares beyond float32's range")
 def test_norm_statistics_of_float32_vectors_are_those_of_their_exact_values(
     rows: int, dim: int, scale: float, seed: int
 ) -> None:
