@@ -14,7 +14,7 @@ store. Nothing here touches Airflow, the store or files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 CLEANUP_MODES = ("none", "incremental", "full")
@@ -57,10 +57,6 @@ class ModelSync:
     def skipped(self) -> int:
         """Pairs not sent to the embedder: already stored, or reused from a row with the same text."""
         return len(self.stored) + len(self.reuse)
-
-    def expected_ids(self, before: Iterable[str], succeeded: Iterable[str]) -> set[str]:
-        """The ids the store must hold after the run: what it had, less the deleted, plus what the run wrote."""
-        return (set(before) - self.delete) | self.stored | set(self.reuse) | set(succeeded)
 
 
 def plan_model(

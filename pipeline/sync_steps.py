@@ -122,9 +122,9 @@ def upsert_vectors(
         reused = [i for i in plan["reuse"] if plan["reuse"][i] in copies]
         if reused:  # same text under a new id (an edit shifted it): copy the stored vector, no embedding call
             ids = ids + reused
-            vectors = np.vstack(
-                [vectors.reshape(len(vectors), -1), [copies[plan["reuse"][i]] for i in reused]]
-            )
+            copied = np.stack([copies[plan["reuse"][i]] for i in reused])
+            # no vector embedded (every task instance of the model failed): no width to stack onto
+            vectors = np.vstack([vectors, copied]) if len(vectors) else copied
         chunks = [by_id[i] for i in ids]
         result = store.upsert(uri, model, chunks, vectors, version=plan["version"], storage_options=options)
         inserted += result.inserted

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -319,3 +319,84 @@ def test_one_model_with_two_dimensions_is_an_error_naming_both(run: SyntheticRun
     with pytest.raises(AggregationError) as raised:
         combine([first]).merge(combine([other]))
     assert str(raised.value) == f"one model produced dims {first['dim']} and {first['dim'] + 1}"
+
+
+@given(st.integers(1, 12), st.integers(1, 24), st.floats(1e-3, 1e25), st.integers(0, 2**32 - 1))
+@example(3, 4, 1e20, 0).via("squares beyond float32's range")
+def test_norm_statistics_of_float32_vectors_are_those_of_their_exact_values(
+    rows: int, dim: int, scale: float, seed: int
+) -> None:
+    """Embedders return float32; the norms are taken in float64, so the statistics equal those of the same
+    values widened (no float32 rounding, no overflow to inf)."""
+    narrow = (np.random.default_rng(seed).normal(size=(rows, dim)) * scale).astype(np.float32)
+    stats = aggregate.NormStats.of(narrow)
+    assert stats == aggregate.NormStats.of(narrow.astype(np.float64))
+    assert all(math.isfinite(x) for x in stats.as_list())
+
+
+def already_stored(result: dict[str, Any]) -> dict[str, Any]:
+    """The result embed_batch returns for a batch whose chunks the model already has: no embedder, no dim."""
+    return result | {"succeeded": 0, "failures": [], "skipped": result["stop"] - result["start"], "retried": 0,
+                     "calls": 0, "dim": None, "norms": None, "vectors": None}  # fmt: skip
+
+
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_a_models_width_is_known_from_any_result_that_ran_its_embedder_in_any_order(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
+    """per_model dim is the model's vector width when any of its task instances ran the embedder (None only
+    when none did), whether already-stored batches (no width) arrive before or after, or left no result."""
+    indices = range(len(run.results))
+    stored = data.draw(st.sets(st.sampled_from(indices)))
+    dropped = data.draw(st.sets(st.sampled_from(indices)))
+    ran = [r for i, r in enumerate(run.results) if i not in stored | dropped]
+    skipped = [already_stored(r) for i, r in enumerate(run.results) if i in stored - dropped]
+    for results in (skipped + ran, ran + skipped):
+        summary = run_summary(run, results)
+        for model in run.models:
+            widths = {r["dim"] for r in ran if r["model"] == model}
+            assert summary["per_model"][model]["dim"] == (widths.pop() if widths else None), model
+
+
+@given(synthetic_runs(min_chunks=1), st.integers(1, 6))
+def test_a_duplicate_error_names_the_first_three_duplicates_however_many(run: SyntheticRun, n: int) -> None:
+    """Results delivered twice are named in the error, sorted, at most three of them (one short line)."""
+    copies = [run.results[0] | {"batch": b} for b in range(n)]
+    with pytest.raises(AggregationError) as raised:
+        combine(copies).merge(combine(copies))
+    keys = sorted((b, run.results[0]["model"]) for b in range(n))
+    assert str(raised.value) == f"duplicate results for (batch, model) {keys[:3]}"
+
+
+@given(synthetic_runs(min_chunks=1), st.integers(1, 6))
+def test_results_outside_the_plan_are_named_the_first_three_however_many(run: SyntheticRun, n: int) -> None:
+    """Results for unplanned batches are named in the error, sorted, at most three of them (one short line)."""
+    strays = [run.results[0] | {"batch": len(run.plan) + k} for k in range(n)]
+    with pytest.raises(AggregationError) as raised:
+        run_summary(run, [*run.results, *strays])
+    keys = sorted((len(run.plan) + k, run.results[0]["model"]) for k in range(n))
+    assert str(raised.value) == f"results for (batch, model) outside the plan: {keys[:3]}"
+
+
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_the_lost_pairs_of_a_model_that_could_not_run_fail_as_config_with_its_reason(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
+    """A model recorded as unable to run (a refused key) has the pairs its task instances left fail as
+    ``config`` with the recorded reason; the other models' lost pairs stay ``task_failed``, naming the batch."""
+    broken = data.draw(st.sampled_from(run.models))
+    others = data.draw(st.sets(st.sampled_from(range(len(run.results)))))
+    lost = [r for i, r in enumerate(run.results) if r["model"] == broken or i in others]
+    kept = [r for r in run.results if r not in lost]
+    why = "embedding API refused the key (401); fix the connection's password"
+    summary = reconcile(run.plan, run.models, kept, run.ids_of, {broken: why})
+    expected = {
+        (c, r["model"], "config", why)
+        if r["model"] == broken
+        else (c, r["model"], "task_failed", f"mapped task instance for batch {r['batch']} left no result")
+        for r in lost
+        for c in run.ids_of(r["start"], r["stop"])
+    }
+    listed = {tuple(f.values()) for f in summary["failures"] if f["kind"] != "rejected"}
+    assert listed == expected
+    assert summary["failures_by_kind"].get("config", 0) == len(run.chunk_ids)

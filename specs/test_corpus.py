@@ -118,6 +118,26 @@ def test_only_the_configured_extensions_are_candidates_case_insensitively(tmp_pa
     assert discover(tmp_path, extensions=(".txt",)).documents == ["a.TXT"]
 
 
+@given(
+    st.dictionaries(
+        st.text("abcxyz", min_size=1, max_size=4),
+        st.sampled_from([".txt", ".TXT", ".csv", ".bin", ""]),
+        max_size=8,
+    )
+)
+@example({"a": ".csv", "b": ".txt"}).via("a file of another extension sorts before a candidate")
+def test_a_file_of_another_extension_hides_no_candidate_next_to_it(names: dict[str, str]) -> None:
+    """Within one folder, whatever other files sort before or after them, every configured-extension file is found."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for stem, ext in names.items():
+            for folder in (Path(tmp), Path(tmp, "sub")):
+                folder.mkdir(exist_ok=True)
+                (folder / f"{stem}{ext}").write_text("text")
+        found = discover(tmp, extensions=(".txt",))
+    wanted = sorted(f"{stem}{ext}" for stem, ext in names.items() if ext.lower() == ".txt")
+    assert found.documents == sorted([*wanted, *(f"sub/{n}" for n in wanted)]) and found.rejected == []
+
+
 def test_an_oversize_file_is_rejected_naming_the_setting_without_being_read(tmp_path: Path) -> None:
     """A file above max_document_bytes is rejected from its size alone, and the reason names the setting."""
     (tmp_path / "big.txt").write_bytes(b"x" * 101)
@@ -296,11 +316,13 @@ def test_a_file_gone_between_listing_and_reading_is_rejected_with_the_os_reason(
     assert found.rejected == [Rejected("gone.txt", "unreadable: No such file or directory")]
 
 
+@pytest.mark.parametrize("denied", [os.R_OK, os.X_OK], ids=["not-listable", "not-searchable"])
 def test_an_unreadable_corpus_directory_is_a_corpus_error_naming_it_and_the_fix(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, denied: int
 ) -> None:
-    """A corpus folder the process may not list fails up front (simulated permissions, as above)."""
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
+    """A corpus folder the process may not list (read) or not enter (execute) fails up front (simulated
+    permissions, as above: the access check is asked for both and refuses the one missing)."""
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path or not mode & denied)
     with pytest.raises(CorpusError) as raised:
         resolve_root(tmp_path)
     assert str(raised.value) == f"corpus directory {str(tmp_path)!r} is not readable; fix its permissions"

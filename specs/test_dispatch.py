@@ -113,6 +113,20 @@ def test_requests_in_flight_at_once_give_the_same_outcome_as_one_at_a_time(
 
 
 @given(sends())
+@example((["a", "b", "c"], [[0], [1, 2]], FaultPlan(0.0, 1.0), 1)).via("every request re-sends its chunks")
+@example((["a", "b"], [[0], [1]], FaultPlan(0.0, 0.0), 2)).via("nothing re-sent: no request retried")
+def test_a_batchs_retried_chunks_are_those_re_sent_by_any_of_its_requests(
+    case: tuple[list[str], list[list[int]], FaultPlan, int],
+) -> None:
+    """A chunk re-sent after a transient error counts as retried whichever request carried it (the union)."""
+    ids, requests, plan, concurrency = case
+    call, backoff = resilient_sender(plan)  # requests hold disjoint chunks: one sender serves them all
+    sent = [[ids[p] for p in r] for r in requests]  # the chunk ids are their texts, as in send_all
+    alone = [embed_resiliently(chunks, chunks, call, backoff=backoff).retried for chunks in sent]
+    assert send_all(ids, requests, plan, concurrency).retried == set().union(*alone)
+
+
+@given(sends())
 def test_every_sent_chunk_ends_once_as_a_vector_or_a_failure_in_batch_order(
     case: tuple[list[str], list[list[int]], FaultPlan, int],
 ) -> None:

@@ -109,10 +109,11 @@ def test_the_failed_set_does_not_depend_on_batch_size_or_order(
     st.sampled_from(["fail_rate", "transient_rate"]),
 )
 @example(1.5, "fail_rate").via("above one")
+@example(1.5, "transient_rate").via("above one, alone (not the sum's error)")
 @example(-0.1, "transient_rate").via("negative")
 def test_rates_outside_zero_one_are_rejected_naming_the_rate(rate: float, name: str) -> None:
-    """A probability outside [0, 1] is a ValueError that names which rate."""
-    with pytest.raises(ValueError, match=name):
+    """A probability outside [0, 1] is a ValueError that names which rate and says it must be in [0, 1]."""
+    with pytest.raises(ValueError, match=rf"^{name} must be within \[0, 1\], got "):
         FaultPlan(**{name: rate})
 
 

@@ -217,10 +217,19 @@ def test_an_unreadable_connection_says_so_with_the_lookups_error():
             Conn(password=""),
             "has no API key; set its password (any placeholder for an endpoint without authentication)",
         ),
+        (
+            types.SimpleNamespace(password="k"),
+            "has no host; set it to the base URL (e.g. https://api.openai.com/v1)",
+        ),
+        (
+            types.SimpleNamespace(host="http://127.0.0.1:9/v1"),
+            "has no API key; set its password (any placeholder for an endpoint without authentication)",
+        ),
     ],
 )
 def test_a_connection_without_endpoint_or_key_names_the_field_to_set(conn, message):
-    """No host (nor extra.base_url) or no password: one line naming the connection and the field to set."""
+    """No host (nor extra.base_url) or no password, empty or absent from what the lookup returned: one line
+    naming the connection and the field to set."""
     with pytest.raises(PreflightError) as caught:
         check_connection("openai:m@mine", lookup(conn))
     assert str(caught.value) == f"models: openai:m@mine: Airflow connection 'mine' {message}"

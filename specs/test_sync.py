@@ -109,3 +109,49 @@ def test_verify_counts_missing_extra_duplicate_and_stale_ids(expected, ids, writ
     assert diff["stale"] == len(written - current)
     clean = set(ids) == expected and len(ids) == len(set(ids)) and written <= current
     assert (not any(diff.values())) == clean
+
+
+@pytest.mark.parametrize(("rows", "deleting"), [(2, 1), (4, 2), (5, 2), (2, 2), (5, 3), (1, 1)])
+def test_deleting_exactly_half_of_a_models_rows_is_allowed_one_more_is_refused(rows, deleting) -> None:
+    """MAX_CLEANUP_SHARE is inclusive: up to half of a model's rows may go; beyond that, the refusal names the
+    mode, the counts, the model and the share, and says what to check and how to allow it."""
+    index = {f"a.txt#{k}:t0": Stored("t0", "v1", "a.txt") for k in range(rows)}
+    kept = [RunChunk(i, "a.txt", "t0") for i in sorted(index)[deleting:]] + [
+        RunChunk("a.txt#9:t1", "a.txt", "t1")
+    ]
+    if deleting <= rows * sync.MAX_CLEANUP_SHARE:
+        assert len(plan_model("m", "v1", kept, index, cleanup="incremental").delete) == deleting
+        return
+    with pytest.raises(CleanupRefused) as refused:
+        plan_model("m", "v1", kept, index, cleanup="incremental")
+    assert str(refused.value) == (
+        f"cleanup=incremental would delete {deleting} of {rows} vectors of m (more than 50%); check corpus_dir, "
+        "or pass --force-cleanup (DAG param force_cleanup) if the corpus really shrank"
+    )
+    assert len(plan_model("m", "v1", kept, index, cleanup="incremental", force=True).delete) == deleting
+
+
+@given(run_chunks, indexes, st.sampled_from(VERSIONS))
+@example(
+    [RunChunk("c.txt#0:t0", "c.txt", "t0")],
+    {"a.txt#1:t0": Stored("t0", "v1", "a.txt"), "b.txt#2:t0": Stored("t0", "v1", "b.txt")},
+    "v1",
+).via("two rows hold the text")
+def test_the_row_a_shifted_chunk_reuses_does_not_depend_on_the_order_the_store_lists_its_rows(
+    chunks, index, version
+) -> None:
+    """Several rows may hold a chunk's text: the one whose vector is copied is the same whatever order the store
+    returns its index in (runs and retries copy the same row)."""
+    p = plan_model("m", version, chunks, index, cleanup="none")
+    assert plan_model("m", version, chunks, dict(reversed(index.items())), cleanup="none").reuse == p.reuse
+
+
+@given(run_chunks, indexes, st.sampled_from(VERSIONS))
+def test_skipped_and_pending_pairs_add_up_to_the_runs_chunks_and_before_counts_the_models_rows(
+    chunks, index, version
+) -> None:
+    """Per model, skipped (stored or reused: not sent) + pending = the run's chunks; ``before`` = the rows the
+    store held (the report's rows_before)."""
+    p = plan_model("m", version, chunks, index, cleanup="none")
+    assert p.skipped + len(p.pending) == len(chunks)
+    assert p.skipped == len(p.stored) + len(p.reuse) and p.before == len(index)

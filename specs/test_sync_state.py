@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
@@ -36,7 +37,8 @@ names = st.sampled_from([f"doc{i}.txt" for i in range(6)] + ["sub/a.md", "sub/b.
 
 
 class SyncedStore(RuleBasedStateMachine):
-    """Add, edit, delete and rename documents, inject failures, switch a model's version, re-run."""
+    """Add, edit, delete and rename documents, inject failures, switch a model's version, re-run; the store and
+    the sync counts (embedded, skipped, reused, deleted) follow."""
 
     @initialize()
     def start(self) -> None:
@@ -103,13 +105,14 @@ class SyncedStore(RuleBasedStateMachine):
         have = {m: {t for t, v in self.rows[m].values() if v == versions[m]} for m in MODELS}
         expected_sent = {m: {c.id for c in chunks if c.text not in have[m]} for m in MODELS}
 
-        sent, summary, lost = self.execute(fail_rate, fail_seed, lose)
+        sent, summary, lost, counts = self.execute(fail_rate, fail_seed, lose)
 
         plan = FaultPlan(fail_rate, 0.0, fail_seed)
         for m in MODELS:
             assert sent[m] == expected_sent[m], f"{m}: sent pairs differ from new + changed + failed"
             failed = {i for i in sent[m] if plan.fault(i, m) is Fault.PERMANENT} | lost[m]
             assert {f["chunk_id"] for f in summary["failures"] if f["model"] == m} == failed
+            before = dict(self.rows[m])
             for c in chunks:
                 if c.id not in failed:
                     self.rows[m][c.id] = (c.text, versions[m])
@@ -119,6 +122,13 @@ class SyncedStore(RuleBasedStateMachine):
                 for i, row in self.rows[m].items()
                 if i in ids or (self.cleanup == "incremental" and i.rpartition("#")[0] not in self.corpus)
             }
+            stored = {c.id for c in chunks if before.get(c.id) == (c.text, versions[m])}
+            assert counts[m] == {  # what the report's sync section says, per model
+                "embedded": len(sent[m] - failed),
+                "skipped": len(chunks) - len(sent[m]),  # stored, or reused from a row with the same text
+                "reused": len(chunks) - len(sent[m]) - len(stored),
+                "deleted": len(set(before) - set(self.rows[m])),
+            }, m
         assert summary["succeeded"] + summary["failed"] + summary["skipped"] == len(chunks) * len(MODELS)
         self.check_store(versions)
 
@@ -153,7 +163,7 @@ class SyncedStore(RuleBasedStateMachine):
         summary = steps.aggregate_results(pending, plan, MODELS, results, directory)
         stored = steps.upsert_vectors(s, pending, summary, MODELS, directory)
         assert stored["verified"]
-        return sent, summary, lost
+        return sent, summary, lost, stored["sync"]["per_model"]
 
     def check_store(self, versions: dict[str, str]) -> None:
         uri = str(self.root / "work" / "store")
@@ -191,14 +201,12 @@ def test_an_edit_that_shifts_later_chunks_re_embeds_only_the_new_text() -> None:
         machine.teardown()
 
 
-def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_count(tmp_path) -> None:
-    """A row the run counts as stored but gone by the upsert (another writer, a lost write): VerifyError, '1 missing'."""
-    import pytest
-
+def one_model_settings(tmp_path: Path, text: str) -> Settings:
+    """The first hashing model over a corpus of one document ``a.txt``, one chunk per 12 tokens."""
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.txt").write_text("Alpha beta gamma. " * 20)
-    s = Settings(
+    corpus.mkdir(exist_ok=True)
+    (corpus / "a.txt").write_text(text)
+    return Settings(
         corpus_dir=str(corpus),
         models=MODELS[:1],
         work_dir=str(tmp_path / "work"),
@@ -206,17 +214,23 @@ def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_coun
         chunk_overlap=0,
     )
 
-    def select(run: str):
-        directory = steps.run_dir(s, run)
-        pending = sync_steps.select_pending(s, steps.chunk_documents(s, steps.discover_documents(s), directory),
-                                            MODELS[:1], directory)  # fmt: skip
-        plan = [b.as_dict() for b in plan_batches(staging.read_token_counts(pending), batch_size=4)]
-        results = [steps.embed_batch(s, pending, b, MODELS[0], directory) for b in plan]
-        return directory, pending, steps.aggregate_results(pending, plan, MODELS[:1], results, directory)
 
-    directory, pending, summary = select("first")
+def select(s: Settings, run: str):
+    """The steps up to the upsert (select, plan, embed, aggregate) for run ``run``: (directory, pending, summary)."""
+    directory = steps.run_dir(s, run)
+    pending = sync_steps.select_pending(s, steps.chunk_documents(s, steps.discover_documents(s), directory),
+                                        MODELS[:1], directory)  # fmt: skip
+    plan = [b.as_dict() for b in plan_batches(staging.read_token_counts(pending), batch_size=4)]
+    results = [steps.embed_batch(s, pending, b, MODELS[0], directory) for b in plan]
+    return directory, pending, steps.aggregate_results(pending, plan, MODELS[:1], results, directory)
+
+
+def test_a_store_that_lost_a_row_during_the_run_fails_verification_with_the_count(tmp_path) -> None:
+    """A row the run counts as stored but gone by the upsert (another writer, a lost write): VerifyError, '1 missing'."""
+    s = one_model_settings(tmp_path, "Alpha beta gamma. " * 20)
+    directory, pending, summary = select(s, "first")
     assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
-    directory, pending, summary = select("second")  # everything stored: nothing to write
+    directory, pending, summary = select(s, "second")  # everything stored: nothing to write
     victim = sorted(store.read_index(s.store_uri, MODELS[0]))[0]
     store.delete(s.store_uri, MODELS[0], [victim])
     with pytest.raises(sync_steps.VerifyError, match=r"hash-words-256: 1 missing"):
@@ -242,5 +256,136 @@ def test_incremental_cleanup_removes_old_chunks_of_documents_read_and_keeps_docu
             for i in machine.rows[MODELS[0]]
             if i.startswith("a.txt#") and "Alpha" in machine.rows[MODELS[0]][i][0]
         }
+    finally:
+        machine.teardown()
+
+
+PARAGRAPH = "{} alpha beta gamma delta omega sigma kappa zeta alpha {}."  # 12 tokens: one chunk each
+
+
+def paragraphs(*words: str) -> str:
+    return "\n\n".join(PARAGRAPH.format(w, w) for w in words)
+
+
+def test_a_shifted_chunk_gets_the_stored_vector_copied_bit_for_bit_not_recomputed(tmp_path) -> None:
+    """After an insertion shifts a document's chunks, each new id holds exactly the vector stored under its text
+    (a vector planted in the store comes through unchanged); only the new paragraph is embedded, the old ids go."""
+    model = MODELS[0]
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:4]))
+    (tmp_path / "corpus" / "b.txt").write_text(paragraphs(*WORDS[4:]))  # a's 4 old ids are half: no guard
+    directory, pending, summary = select(s, "first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    old = [c for c in staging.read_chunks(pending) if c.doc == "a.txt"]
+    planted = np.eye(256, dtype=np.float32)[: len(old)]  # no hashing embedding of these texts looks like this
+    store.upsert(s.store_uri, model, old, planted, version=model_version(model))
+    (tmp_path / "corpus" / "a.txt").write_text(paragraphs("new", *WORDS[:4]))
+    directory, pending, summary = select(s, "second")
+    counts = {"pending": 1, "skipped": 8, "reused": 4, "to_delete": 4, "rows_before": 8}
+    assert pending["sync"][model] == counts
+    report = steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+    assert report["sync"]["per_model"][model] == {"embedded": 1, "skipped": 8, "reused": 4, "deleted": 4}
+    shifted = {
+        c.text: c.id for c in chunk_text("a.txt", paragraphs("new", *WORDS[:4]), max_tokens=CHUNK_TOKENS)
+    }
+    copies = store.read_vectors(s.store_uri, model, [shifted[c.text] for c in old])
+    for chunk, vector in zip(old, planted, strict=True):
+        assert shifted[chunk.text] != chunk.id
+        np.testing.assert_array_equal(copies[shifted[chunk.text]], vector)
+    assert {i for i in store.read_index(s.store_uri, model) if i.startswith("a.txt#")} == set(
+        shifted.values()
+    )
+
+
+def test_a_reused_row_gone_before_the_upsert_fails_verification_as_lost_reuse(tmp_path) -> None:
+    """A shifted chunk counted as reused whose source row vanished before the upsert (another writer) has its
+    vector nowhere: VerifyError naming '1 lost_reuse' (and no other difference)."""
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:4]))
+    (tmp_path / "corpus" / "b.txt").write_text(paragraphs(*WORDS[4:]))
+    directory, pending, summary = select(s, "first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    (tmp_path / "corpus" / "a.txt").write_text(paragraphs("new", *WORDS[:4]))
+    directory, pending, summary = select(s, "second")
+    assert pending["sync"][MODELS[0]]["reused"] == 4
+    store.delete(s.store_uri, MODELS[0], sorted(store.read_index(s.store_uri, MODELS[0]))[:1])  # one of a's
+    with pytest.raises(sync_steps.VerifyError) as raised:
+        steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+    assert str(raised.value) == (
+        f"the store does not match the run: {MODELS[0]}: 1 lost_reuse (store {s.store_uri})"
+    )
+
+
+def test_a_cleanup_above_the_guard_is_refused_before_anything_is_embedded_and_forcing_allows_it(
+    tmp_path,
+) -> None:
+    """An edit that would delete more than half of a model's rows stops select_pending (the first sync step):
+    the store keeps every row; with force_cleanup the same run deletes them and verifies."""
+    import dataclasses
+
+    from pipeline.sync import CleanupRefused
+
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:4]))
+    directory, pending, summary = select(s, "first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    before = store.read_index(s.store_uri, MODELS[0])
+    (tmp_path / "corpus" / "a.txt").write_text(paragraphs("other"))
+    with pytest.raises(CleanupRefused, match=f"would delete 4 of 4 vectors of {MODELS[0]}"):
+        select(s, "second")
+    assert store.read_index(s.store_uri, MODELS[0]) == before
+    forced = dataclasses.replace(s, force_cleanup=True)
+    directory, pending, summary = select(forced, "third")
+    report = steps.upsert_vectors(forced, pending, summary, MODELS[:1], directory)
+    assert report["verified"] and report["sync"]["deleted"] == 4 and report["per_model"][MODELS[0]] == 1
+
+
+def test_an_upsert_without_its_sync_plan_names_it_and_says_to_clear_select_pending_too(tmp_path) -> None:
+    """The upsert reads the plan select_pending staged; without it (staging removed, only the upsert cleared) it
+    fails naming the file and the fix, before writing anything."""
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:2]))
+    directory, pending, summary = select(s, "first")
+    shutil.rmtree(f"{directory}/sync")
+    with pytest.raises(FileNotFoundError) as raised:
+        steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+    plan = f"{directory}/sync/{store.table_name(MODELS[0])}.json"
+    assert str(raised.value) == f"{plan}: no sync plan; clear select_pending too"
+    assert store.read_index(s.store_uri, MODELS[0]) == {}
+
+
+@pytest.mark.parametrize(("tamper", "difference"), [("re-embed", "1 stale"), ("add", "1 extra")])
+def test_a_store_another_writer_changed_during_the_run_fails_verification_naming_the_difference(
+    tmp_path, tamper: str, difference: str
+) -> None:
+    """Between select_pending and the upsert another writer re-embeds a row the run counts as stored with
+    another model version (stale), or adds a row the run does not expect (extra): VerifyError with the count."""
+    model = MODELS[0]
+    s = one_model_settings(tmp_path, paragraphs(*WORDS[:2]))
+    directory, pending, summary = select(s, "first")
+    assert steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)["verified"]
+    directory, pending, summary = select(s, "second")  # everything stored: nothing to write
+    if tamper == "re-embed":
+        chunks, version = chunk_text("a.txt", paragraphs(*WORDS[:2]), max_tokens=CHUNK_TOKENS)[:1], "another"
+    else:
+        chunks, version = (
+            chunk_text("z.txt", paragraphs("zeta"), max_tokens=CHUNK_TOKENS),
+            model_version(model),
+        )
+    store.upsert(s.store_uri, model, chunks, np.eye(256, dtype=np.float32)[:1], version=version)
+    with pytest.raises(sync_steps.VerifyError) as raised:
+        steps.upsert_vectors(s, pending, summary, MODELS[:1], directory)
+    assert (
+        str(raised.value) == f"the store does not match the run: {model}: {difference} (store {s.store_uri})"
+    )
+
+
+def test_reused_vectors_are_written_when_the_models_only_embed_task_instance_left_no_result() -> None:
+    """An insertion shifts a document and the one task instance embedding the new chunk for a model fails (no
+    result, so no vector width from the run): the shifted chunks' vectors are still copied, the new one fails."""
+    machine = SyncedStore()
+    try:
+        machine.start()
+        machine.add_or_replace_a_document("doc0.txt", paragraphs(*WORDS[:3]))
+        machine.run(0.0, 0, False)
+        machine.insert("doc0.txt", PARAGRAPH.format("new", "text"))
+        machine.run(0.0, 0, True)  # drops the first embed result: the new chunk x the first model
+        assert len(machine.rows[MODELS[0]]) == 3 and len(machine.rows[MODELS[1]]) == 4
     finally:
         machine.teardown()
