@@ -14,21 +14,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.embedders.ratelimit import HeaderPacer, Limits
-from pipeline.emulator import Emulator, EmulatorConfig
+from pipeline.emulator import Emulator, EmulatorConfig, peak
 
 KEY = "sk-rate-spec"
 ROOT = str(Path(__file__).resolve().parents[1])
-# Seconds between a client taking its permit and the provider seeing the request, tolerated when measuring a
-# window at the provider: process scheduling on a loaded 2-core machine (several test processes) reaches 0.1 s.
-JITTER = 0.15
 
-# One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome.
+# One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome,
+# the budget's permits and "clock": seconds from time.monotonic() (the emulator's clock) to the wall clock (the
+# SQLite and Redis budgets' stamps), the largest of a few samples (a preemption between two reads only lowers one).
 CLIENT = """
 import json, sys, time
 from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
@@ -38,12 +38,43 @@ limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw)
                 rate_window_seconds=float(window), max_inputs_per_request=3)
 client = OpenAIEmbeddingClient(base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir,
                                rate_limit_redis=redis_url or None)
+permits = []
+client.on_permit = lambda texts, stamps, charged: permits.append([texts, stamps, charged])
 texts = [f"{name} text {i} " + " ".join(["w"] * (i % 4)) for i in range(int(n))]
 out, _, transient = resilient_run(client, texts, max_attempts=12, base=0.05, sleep=time.sleep)
+clock = max(time.time() - time.monotonic() for _ in range(5))
 print(json.dumps({"ok": out.ids, "failed": [f.chunk_id for f in out.failures], "transient": transient,
-                  "waited": client.pacer.waited}))
+                  "waited": client.pacer.waited, "permits": permits, "clock": clock}))
 client.close()
 """.replace("KEY", repr(KEY))
+
+
+def permit_lags(records: list, permits: list, limits: dict[str, int], window: float, clock: float) -> dict:
+    """The budget's own evidence, checked exactly; returns each kind's largest permit-to-arrival lag (s) of a
+    request the provider accepted. ``permits``: (texts, stamps in ms by kind, tokens charged) of every request
+    sent; ``records``: the provider's log. In any window, the permits of each kind weigh at most its limit
+    (closed windows of whole ms, as the buckets count); every request the provider saw had its own permit,
+    was sent after it and charged at least what the provider counted; no permit was spent twice."""
+    for kind, limit in limits.items():
+        stamps = sorted((p[1][kind], 1 if kind == "requests" else p[2]) for p in permits)
+        spent = peak([SimpleNamespace(t=t, tokens=w) for t, w in stamps], window * 1000 + 1, kind)
+        assert spent <= limit, (f"the budget granted {spent} {kind} in {window} s, limit {limit}", stamps)
+    unsent: dict[tuple[str, ...], list] = {}
+    for texts, stamps, charged in permits:  # a batch is sent again only after its previous answer
+        unsent.setdefault(tuple(texts), []).append(
+            ({k: s / 1000 - clock for k, s in stamps.items()}, charged)
+        )
+    lags = dict.fromkeys(limits, 0.0)
+    for r in sorted(records, key=lambda r: r.t):
+        assert unsent.get(r.texts), f"the provider saw a request the budget never permitted: {r}"
+        when, charged = unsent[r.texts].pop(0)
+        assert r.tokens <= charged, (r, charged)
+        for kind in limits:
+            assert r.t - when[kind] > -0.001, (kind, r, when)  # arrived after its permit (stamps: whole ms)
+            if r.status == 200:
+                lags[kind] = max(lags[kind], r.t - when[kind])
+    assert not any(unsent.values()), unsent
+    return lags
 
 
 def free_port() -> int:
@@ -115,7 +146,9 @@ def run_clients(emulator: Emulator, dirs: list[Path], redis: str, per_process: i
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(backend, tmp_path, request):
     """Two processes sharing one budget (SQLite dir, or Redis with separate dirs) against one provider with the
-    same limits: in any window the provider accepted at most its RPM/TPM; every 429 was retried; nothing lost."""
+    same limits: the permits never exceed RPM/TPM in any window, every request went out after its own permit,
+    so in any window shortened by the measured permit-to-arrival lag the provider accepted at most its RPM/TPM;
+    every 429 was retried; nothing lost."""
     redis = request.getfixturevalue("redis_url") if backend == "redis" else ""
     window, rpw, tpw, per_process = 1.0, 5, 40, 24
     config = EmulatorConfig(api_key=KEY, rpm=int(rpw * 60 / window), tpm=int(tpw * 60 / window),
@@ -127,12 +160,20 @@ def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(ba
     assert sum(len(o["ok"]) for o in outs) == 2 * per_process and all(o["failed"] == [] for o in outs)
     assert [sorted(o["ok"]) for o in outs] == [sorted(f"c{i}" for i in range(per_process))] * 2
     assert statuses.count(429) == sum(o["transient"] for o in outs)  # each 429 was seen and retried
-    peaks = (emulator.peak(window - JITTER, status=200), emulator.peak(window - JITTER, "tokens", status=200))
-    assert peaks[0] <= rpw and peaks[1] <= tpw, (
+    permits = [p for o in outs for p in o["permits"]]
+    lags = permit_lags(emulator.records, permits, {"requests": rpw, "tokens": tpw}, window, outs[0]["clock"])
+    # The lag (thread and process scheduling, the first connection) lets arrivals bunch: a full window at the
+    # provider may hold more than the limit (measured under load: 54 tokens of 40 in 1 s, lags up to 0.06 s).
+    peaks = {kind: emulator.peak(window - lag, kind, status=200) for kind, lag in lags.items()}
+    assert peaks["requests"] <= rpw and peaks["tokens"] <= tpw, (
         peaks,
+        lags,
         [(round(r.t, 3), r.status, r.tokens) for r in emulator.records],
     )
     assert statuses.count(200) > 2 * rpw  # the limits bound: the run spanned several windows
+    full = {kind: emulator.peak(window, kind, status=200) for kind in lags}
+    print(f"{backend}: largest permit-to-arrival lag {lags}; provider peaks within the window less it {peaks}, "
+          f"within the full window {full} (limits {rpw}, {tpw})")  # fmt: skip
 
 
 def test_the_providers_headers_alone_keep_a_client_out_of_429(tmp_path):

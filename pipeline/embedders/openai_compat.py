@@ -122,6 +122,8 @@ class OpenAIEmbeddingClient:
         key += "-" + hashlib.sha256(f"{self.base_url}\x1f{model}".encode()).hexdigest()[:10]
         self.budget = RateBudget(limits, key, rate_limit_dir, rate_limit_redis)
         self.pacer = HeaderPacer()
+        # Called with (texts, permit stamps by kind, tokens charged) before each request is sent: audits, specs.
+        self.on_permit: Callable[[list[str], dict[str, int], int], None] | None = None
         self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0, "counted_tokens": 0}
         self._lock = threading.Lock()  # stats and carry: encode may run in several threads at once
         self._calibrating = FirstAlone()  # the budget charges the margin until the provider's usage is known
@@ -271,7 +273,9 @@ class OpenAIEmbeddingClient:
         sdk = self._client()  # built before acquiring, so the permit is spent right before the send
         charge = self.rate_tokens(texts, tokens)
         self.pacer.wait(charge)
-        self.budget.acquire(charge)
+        stamps = self.budget.acquire(charge)
+        if self.on_permit is not None:
+            self.on_permit(texts, stamps, charge)
         with self._lock:
             self.stats["requests"] += 1
             self.stats["estimated_tokens"] += tokens
