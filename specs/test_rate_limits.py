@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -247,3 +248,31 @@ def test_the_first_request_goes_alone_then_the_rest_overlap(tmp_path):
     assert len(records) == 8 and all(r.status == 200 for r in records)
     assert min(r.t for r in rest) >= first.t + first.latency  # nothing else was sent before the first answer
     assert any(b.t < a.t + a.latency for a, b in zip(rest, rest[1:], strict=False))  # then overlap
+
+
+def test_a_permit_is_stamped_when_granted_not_when_its_wait_was_planned(tmp_path):
+    """A request kept waiting past its planned wake (here another process holds the budget's file lock, as
+    under load) is stamped when its permit is granted: never earlier than the lock was released, else the
+    budget would count it as older and let the next window's requests through too early."""
+    from filelock import FileLock
+
+    from pipeline.embedders.ratelimit import RateBudget
+
+    budget = RateBudget(Limits(requests_per_minute=1, rate_window_seconds=0.3), "k", str(tmp_path))
+    budget.acquire(1)
+    bucket = budget._limiters[0].bucket
+    stamps: list[dict[str, int]] = []
+    waiter = threading.Thread(target=lambda: stamps.append(budget.acquire(1)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while bucket.failing_rate is None:  # the waiter was refused: it now sleeps until the window frees
+        assert time.monotonic() < deadline and waiter.is_alive()
+        time.sleep(0.005)
+    (lock_path,) = tmp_path.glob("*.lock")
+    other = FileLock(str(lock_path))  # another holder of the lock (its own descriptor, as another process)
+    with other:
+        time.sleep(0.6)  # past the waiter's planned wake (0.3 s window + pyrate-limiter's 50 ms buffer)
+        released = time.time()
+    waiter.join(timeout=10)
+    budget.close()
+    assert stamps and stamps[0]["requests"] >= int(released * 1000), (stamps, released)
