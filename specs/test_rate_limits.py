@@ -15,14 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.embedders.ratelimit import HeaderPacer, Limits
-from pipeline.emulator import Emulator, EmulatorConfig, peak
+from pipeline.emulator import Emulator, EmulatorConfig
+from specs.strategies import permit_lags
 
 KEY = "sk-rate-spec"
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -48,34 +48,6 @@ print(json.dumps({"ok": out.ids, "failed": [f.chunk_id for f in out.failures], "
                   "waited": client.pacer.waited, "permits": permits, "clock": clock}))
 client.close()
 """.replace("KEY", repr(KEY))
-
-
-def permit_lags(records: list, permits: list, limits: dict[str, int], window: float, clock: float) -> dict:
-    """The budget's own evidence, checked exactly; returns each kind's largest permit-to-arrival lag (s) of a
-    request the provider accepted. ``permits``: (texts, stamps in ms by kind, tokens charged) of every request
-    sent; ``records``: the provider's log. In any window, the permits of each kind weigh at most its limit
-    (closed windows of whole ms, as the buckets count); every request the provider saw had its own permit,
-    was sent after it and charged at least what the provider counted; no permit was spent twice."""
-    for kind, limit in limits.items():
-        stamps = sorted((p[1][kind], 1 if kind == "requests" else p[2]) for p in permits)
-        spent = peak([SimpleNamespace(t=t, tokens=w) for t, w in stamps], window * 1000 + 1, kind)
-        assert spent <= limit, (f"the budget granted {spent} {kind} in {window} s, limit {limit}", stamps)
-    unsent: dict[tuple[str, ...], list] = {}
-    for texts, stamps, charged in permits:  # a batch is sent again only after its previous answer
-        unsent.setdefault(tuple(texts), []).append(
-            ({k: s / 1000 - clock for k, s in stamps.items()}, charged)
-        )
-    lags = dict.fromkeys(limits, 0.0)
-    for r in sorted(records, key=lambda r: r.t):
-        assert unsent.get(r.texts), f"the provider saw a request the budget never permitted: {r}"
-        when, charged = unsent[r.texts].pop(0)
-        assert r.tokens <= charged, (r, charged)
-        for kind in limits:
-            assert r.t - when[kind] > -0.001, (kind, r, when)  # arrived after its permit (stamps: whole ms)
-            if r.status == 200:
-                lags[kind] = max(lags[kind], r.t - when[kind])
-    assert not any(unsent.values()), unsent
-    return lags
 
 
 def free_port() -> int:
