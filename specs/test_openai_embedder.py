@@ -28,6 +28,7 @@ from pipeline.embedders.openai_compat import (
     OpenAIEmbeddingClient,
     parse_duration,
 )
+from pipeline.embedders.ratelimit import texts_digest
 from pipeline.emulator import Emulator, EmulatorConfig, vector
 from pipeline.resilience import embed_resiliently
 from specs.strategies import permit_lags
@@ -131,7 +132,9 @@ def test_request_and_token_rates_never_exceed_the_configured_budget_at_the_serve
         client = OpenAIEmbeddingClient(
             server.base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir
         )
-        client.on_permit = lambda texts, stamps, charged: permits.append([texts, stamps, charged])
+        client.on_permit = lambda texts, stamps, charged: permits.append(
+            [texts_digest(texts), stamps, charged]
+        )
         outcome, _, _ = run(client, texts)
         client.close()
     clock = max(time.time() - time.monotonic() for _ in range(5))  # the stamps' wall clock to the server's

@@ -33,6 +33,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 CLIENT = """
 import json, sys, time
 from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
+from pipeline.embedders.ratelimit import texts_digest
 from specs.strategies import resilient_run
 base_url, rate_dir, redis_url, name, n, rpw, tpw, window = sys.argv[1:9]
 limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw) or None,
@@ -40,7 +41,7 @@ limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw)
 client = OpenAIEmbeddingClient(base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir,
                                rate_limit_redis=redis_url or None)
 permits = []
-client.on_permit = lambda texts, stamps, charged: permits.append([texts, stamps, charged])
+client.on_permit = lambda texts, stamps, charged: permits.append([texts_digest(texts), stamps, charged])
 texts = [f"{name} text {i} " + " ".join(["w"] * (i % 4)) for i in range(int(n))]
 out, _, transient = resilient_run(client, texts, max_attempts=12, base=0.05, sleep=time.sleep)
 clock = max(time.time() - time.monotonic() for _ in range(5))

@@ -14,7 +14,8 @@ Works with OpenAI, Azure OpenAI, vLLM, Ollama and TEI. Model names ``openai:<mod
 * extra JSON: ``model`` (default model for :meth:`OpenAIEmbeddingClient.from_connection`), ``dimensions``,
   ``max_inputs_per_request`` (2048), ``max_tokens_per_input`` (8192), ``max_tokens_per_request`` (300000),
   ``requests_per_minute``, ``tokens_per_minute``, ``timeout`` (60 s), ``token_safety_margin`` (0.25),
-  ``rate_limit_dir``, ``rate_limit_redis`` (``redis://:password@host:6379/0``).
+  ``rate_limit_dir``, ``rate_limit_redis`` (``redis://:password@host:6379/0``), ``permit_log`` (a file: one JSON
+  line per rate-budget permit, see :func:`pipeline.embedders.ratelimit.permit_log`).
 
 Limits are enforced *before* sending: a batch is split into requests of at most ``max_inputs_per_request``
 inputs and ``max_tokens_per_request`` tokens (order kept), and a batch holding an empty input or one above
@@ -61,6 +62,7 @@ from pipeline.embedders.ratelimit import (
     RateBudget,
     parse_duration,
     parse_retry_after,
+    permit_log,
     requests_in_flight,
 )
 
@@ -176,7 +178,7 @@ class OpenAIEmbeddingClient:
         rate_dir = extra.get("rate_limit_dir") or os.path.join(
             local or os.path.join(tempfile.gettempdir(), "parallel-embeddings"), "ratelimit"
         )
-        return cls(
+        client = cls(
             base_url,
             conn.password or None,
             model,
@@ -188,6 +190,9 @@ class OpenAIEmbeddingClient:
             api_key_header=extra.get("api_key_header", "Authorization"),
             api_version=extra.get("api_version"),
         )
+        if extra.get("permit_log"):  # an audit of the rate budget (specs read it)
+            client.on_permit = permit_log(str(extra["permit_log"]))
+        return client
 
     # -- limits
 

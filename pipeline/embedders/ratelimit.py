@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import json
 import math
 import os
 import re
@@ -226,6 +228,28 @@ class _Budget:
     def wait_ms(self, weight: int) -> int:
         """Milliseconds until ``weight`` may fit (the bucket's last refusal), -1 if it never can."""
         return self.bucket.waiting(self._item("embeddings", self.bucket.now(), weight))
+
+
+def texts_digest(texts: list[str] | tuple[str, ...]) -> str:
+    """A short digest naming one request's inputs (in a permit log, instead of the texts themselves)."""
+    return hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:20]
+
+
+def permit_log(path: str) -> Callable[[list[str], dict[str, int], int], None]:
+    """An ``on_permit`` appending one JSON line per permit to ``path``: the request's :func:`texts_digest`, the
+    permits' stamps (ms) by kind, the tokens charged, and ``clock``, seconds from ``time.monotonic()`` to the
+    wall clock of the stamps. One ``write`` per line in append mode: the processes of a machine share the file."""
+
+    def record(texts: list[str], stamps: dict[str, int], charged: int) -> None:
+        clock = max(time.time() - time.monotonic() for _ in range(3))  # a preemption only lowers a sample
+        line = {"texts": texts_digest(texts), "stamps": stamps, "charged": charged, "clock": clock}
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    return record
 
 
 def requests_in_flight(limits: Limits) -> int:
