@@ -138,7 +138,8 @@ class RateBudget:
 
     def acquire(self, tokens: int) -> dict[str, int]:
         """Block until one request carrying ``tokens`` fits in every budget, then spend both permits at once;
-        returns each spent permit's stamp (the budget's clock in ms: wall clock in SQLite and Redis), by kind.
+        returns each spent permit's stamp by kind (ms of the bucket's clock: the wall clock in SQLite and Redis,
+        ``time.monotonic()`` in memory).
 
         Permits cannot be returned, and a permit taken before blocking on the other budget would be stamped
         earlier than the send. So: block on one budget, try the other without blocking; if it refuses, the
