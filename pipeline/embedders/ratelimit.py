@@ -155,8 +155,9 @@ class RateBudget:
         return {pending[0].kind: self._take(pending[0], tokens, blocking=True)} if pending else {}
 
     def _take(self, budget: _Budget, tokens: int, *, blocking: bool) -> int | None:
-        """The stamp of a permit for ``tokens``, or None if refused ``blocking=False`` (or never fits)."""
-        weight = 1 if budget.kind == "requests" else math.ceil(tokens / budget.unit)
+        """The stamp of a permit for ``tokens``; None if refused when not ``blocking``."""
+        # weight 0 would pass pyrate-limiter unstamped (and unlimited): a request always costs one unit
+        weight = 1 if budget.kind == "requests" else max(1, math.ceil(tokens / budget.unit))
         while True:
             if (stamp := budget.try_once(weight)) is not None or not blocking:
                 return stamp
@@ -178,9 +179,9 @@ class _Budget:
 
     pyrate-limiter's own blocking wait (4.5, and its main branch) re-puts the refused item at its old stamp
     plus the planned sleep, not at the time it is granted: oversleeping and the file lock under load made
-    permits up to 82 ms older than their grant (measured), so a window at the provider held more than the
-    limit. Here every attempt is one fresh put (stamped inside the lock by the bucket's clock), and the
-    waits between attempts are ours.
+    permits up to 82 ms older than their grant (measured), so one window of grants held more than the limit
+    (43 tokens of 40). Here every attempt is one fresh put (stamped inside the lock by the bucket's clock),
+    and the waits between attempts are ours.
     """
 
     def __init__(self, kind: str, limit: int, window_ms: int, key: str,
