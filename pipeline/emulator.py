@@ -324,7 +324,7 @@ def peak(records: Sequence[Any], window: float, what: str = "requests") -> int:
     best = total = lo = 0
     for hi, r in enumerate(records):
         total += weights[hi]
-        while records[lo].t <= r.t - window:
+        while lo < hi and records[lo].t <= r.t - window:  # a window <= 0 still holds its own record
             total -= weights[lo]
             lo += 1
         best = max(best, total)

@@ -11,6 +11,7 @@ import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from hypothesis import strategies as st
 from pipeline.aggregate import NormStats
 from pipeline.batching import Batch, plan_batches
 from pipeline.embedders import KNOWN_MODELS, InputRejectedError, TransientEmbeddingError
+from pipeline.embedders.ratelimit import texts_digest
+from pipeline.emulator import peak
 
 # --------------------------------------------------------------------------------------------- texts
 
@@ -387,3 +390,32 @@ def resilient_run(client: Any, texts: Sequence[str], *, max_attempts: int = 4, c
     ids = [f"c{i}" for i in range(len(texts))]
     backoff = Backoff(base=base, max_attempts=max_attempts, cap=cap)
     return embed_resiliently(ids, texts, call, backoff=backoff, sleep=pause), sleeps, transient
+
+
+def permit_lags(records: list, permits: list, limits: dict[str, int], window: float, clock: float) -> dict:
+    """The budget's own evidence, checked exactly; returns each kind's largest permit-to-arrival lag (s) of a
+    request the provider accepted. ``permits``: (texts_digest, stamps in ms by kind, tokens charged) of every
+    request sent (an ``on_permit`` log); ``records``: the provider's log; ``clock``: seconds from the provider's
+    time.monotonic() to the stamps' wall clock. In any window, the permits of each kind weigh at most its limit
+    (closed windows of whole ms, as the buckets count); every request the provider saw had its own permit, was
+    sent after it and charged at least what the provider counted; no permit was spent twice."""
+    for kind, limit in limits.items():
+        stamps = sorted((p[1][kind], 1 if kind == "requests" else p[2]) for p in permits)
+        spent = peak([SimpleNamespace(t=t, tokens=w) for t, w in stamps], window * 1000 + 1, kind)
+        assert spent <= limit, (f"the budget granted {spent} {kind} in {window} s, limit {limit}", stamps)
+    unsent: dict[str, list] = {}
+    for digest, stamps, charged in permits:  # a batch is sent again only after its previous answer
+        unsent.setdefault(digest, []).append(({k: s / 1000 - clock for k, s in stamps.items()}, charged))
+    lags = dict.fromkeys(limits, 0.0)
+    for r in sorted(records, key=lambda r: r.t):
+        assert unsent.get(texts_digest(r.texts)), (
+            f"the provider saw a request the budget never permitted: {r}"
+        )
+        when, charged = unsent[texts_digest(r.texts)].pop(0)
+        assert r.tokens <= charged, (r, charged)
+        for kind in limits:
+            assert r.t - when[kind] > -0.001, (kind, r, when)  # arrived after its permit (stamps: whole ms)
+            if r.status == 200:
+                lags[kind] = max(lags[kind], r.t - when[kind])
+    assert not any(unsent.values()), unsent
+    return lags

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.embedders.ratelimit import parse_duration
-from pipeline.emulator import Bucket, Emulator, EmulatorConfig, format_duration
+from pipeline.emulator import Bucket, Emulator, EmulatorConfig, format_duration, peak
 
 KEY = "sk-emulator-spec"
 
@@ -123,3 +124,22 @@ def test_a_bucket_never_admits_more_than_its_capacity_plus_what_refilled(capacit
             admitted += amount
         assert admitted <= capacity + rate * now + 1e-6
         assert 0 <= bucket.level <= capacity + 1e-9
+
+
+@given(
+    arrivals=st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 50)), max_size=30),
+    window=st.integers(-5, 1500),
+)
+def test_peak_is_the_heaviest_window_ending_at_an_arrival(arrivals, window):
+    """peak(): the most weight within any half-open window (t - window, t] ending at an arrival (what the rate
+    specs compare with a limit); a window of 0 or less holds only its own arrival."""
+    records = [SimpleNamespace(t=t, tokens=w) for t, w in sorted(arrivals)]
+    if window > 0:
+        expected = max(
+            (sum(s.tokens for s in records if r.t - window < s.t <= r.t) for r in records), default=0
+        )
+    else:
+        expected = max((r.tokens for r in records), default=0)
+    assert peak(records, window, "tokens") == expected
+    assert peak(records, window) == (max((sum(r.t - window < s.t <= r.t for s in records) for r in records),
+                                         default=0) if window > 0 else min(1, len(records)))  # fmt: skip

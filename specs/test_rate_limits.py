@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,27 +22,31 @@ from hypothesis import strategies as st
 
 from pipeline.embedders.ratelimit import HeaderPacer, Limits
 from pipeline.emulator import Emulator, EmulatorConfig
+from specs.strategies import permit_lags
 
 KEY = "sk-rate-spec"
 ROOT = str(Path(__file__).resolve().parents[1])
-# Seconds between a client taking its permit and the provider seeing the request, tolerated when measuring a
-# window at the provider: process scheduling on a loaded 2-core machine (several test processes) reaches 0.1 s.
-JITTER = 0.15
 
-# One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome.
+# One process: embed its texts through the real client and embed_resiliently (real sleeps), print the outcome,
+# the budget's permits and "clock": seconds from time.monotonic() (the emulator's clock) to the wall clock (the
+# SQLite and Redis budgets' stamps), the largest of a few samples (a preemption between two reads only lowers one).
 CLIENT = """
 import json, sys, time
 from pipeline.embedders.openai_compat import Limits, OpenAIEmbeddingClient
+from pipeline.embedders.ratelimit import texts_digest
 from specs.strategies import resilient_run
 base_url, rate_dir, redis_url, name, n, rpw, tpw, window = sys.argv[1:9]
 limits = Limits(requests_per_minute=int(rpw) or None, tokens_per_minute=int(tpw) or None,
                 rate_window_seconds=float(window), max_inputs_per_request=3)
 client = OpenAIEmbeddingClient(base_url, KEY, "m", dimensions=16, limits=limits, rate_limit_dir=rate_dir,
                                rate_limit_redis=redis_url or None)
+permits = []
+client.on_permit = lambda texts, stamps, charged: permits.append([texts_digest(texts), stamps, charged])
 texts = [f"{name} text {i} " + " ".join(["w"] * (i % 4)) for i in range(int(n))]
 out, _, transient = resilient_run(client, texts, max_attempts=12, base=0.05, sleep=time.sleep)
+clock = max(time.time() - time.monotonic() for _ in range(5))
 print(json.dumps({"ok": out.ids, "failed": [f.chunk_id for f in out.failures], "transient": transient,
-                  "waited": client.pacer.waited}))
+                  "waited": client.pacer.waited, "permits": permits, "clock": clock}))
 client.close()
 """.replace("KEY", repr(KEY))
 
@@ -115,7 +120,9 @@ def run_clients(emulator: Emulator, dirs: list[Path], redis: str, per_process: i
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(backend, tmp_path, request):
     """Two processes sharing one budget (SQLite dir, or Redis with separate dirs) against one provider with the
-    same limits: in any window the provider accepted at most its RPM/TPM; every 429 was retried; nothing lost."""
+    same limits: the permits never exceed RPM/TPM in any window, every request went out after its own permit,
+    so in any window shortened by the measured permit-to-arrival lag the provider accepted at most its RPM/TPM;
+    every 429 was retried; nothing lost."""
     redis = request.getfixturevalue("redis_url") if backend == "redis" else ""
     window, rpw, tpw, per_process = 1.0, 5, 40, 24
     config = EmulatorConfig(api_key=KEY, rpm=int(rpw * 60 / window), tpm=int(tpw * 60 / window),
@@ -127,12 +134,20 @@ def test_two_processes_never_push_the_providers_accepted_rate_over_its_limits(ba
     assert sum(len(o["ok"]) for o in outs) == 2 * per_process and all(o["failed"] == [] for o in outs)
     assert [sorted(o["ok"]) for o in outs] == [sorted(f"c{i}" for i in range(per_process))] * 2
     assert statuses.count(429) == sum(o["transient"] for o in outs)  # each 429 was seen and retried
-    peaks = (emulator.peak(window - JITTER, status=200), emulator.peak(window - JITTER, "tokens", status=200))
-    assert peaks[0] <= rpw and peaks[1] <= tpw, (
+    permits = [p for o in outs for p in o["permits"]]
+    lags = permit_lags(emulator.records, permits, {"requests": rpw, "tokens": tpw}, window, outs[0]["clock"])
+    # The lag (thread and process scheduling, the first connection) lets arrivals bunch: a full window at the
+    # provider may hold more than the limit (measured under load: 54 tokens of 40 in 1 s, lags up to 0.06 s).
+    peaks = {kind: emulator.peak(window - lag, kind, status=200) for kind, lag in lags.items()}
+    assert peaks["requests"] <= rpw and peaks["tokens"] <= tpw, (
         peaks,
+        lags,
         [(round(r.t, 3), r.status, r.tokens) for r in emulator.records],
     )
     assert statuses.count(200) > 2 * rpw  # the limits bound: the run spanned several windows
+    full = {kind: emulator.peak(window, kind, status=200) for kind in lags}
+    print(f"{backend}: largest permit-to-arrival lag {lags}; provider peaks within the window less it {peaks}, "
+          f"within the full window {full} (limits {rpw}, {tpw})")  # fmt: skip
 
 
 def test_the_providers_headers_alone_keep_a_client_out_of_429(tmp_path):
@@ -206,3 +221,31 @@ def test_the_first_request_goes_alone_then_the_rest_overlap(tmp_path):
     assert len(records) == 8 and all(r.status == 200 for r in records)
     assert min(r.t for r in rest) >= first.t + first.latency  # nothing else was sent before the first answer
     assert any(b.t < a.t + a.latency for a, b in zip(rest, rest[1:], strict=False))  # then overlap
+
+
+def test_a_permit_is_stamped_when_granted_not_when_its_wait_was_planned(tmp_path):
+    """A request kept waiting past its planned wake (here another process holds the budget's file lock, as
+    under load) is stamped when its permit is granted: never earlier than the lock was released, else the
+    budget would count it as older and let the next window's requests through too early."""
+    from filelock import FileLock
+
+    from pipeline.embedders.ratelimit import RateBudget
+
+    budget = RateBudget(Limits(requests_per_minute=1, rate_window_seconds=0.3), "k", str(tmp_path))
+    budget.acquire(1)
+    bucket = budget._limiters[0].bucket
+    stamps: list[dict[str, int]] = []
+    waiter = threading.Thread(target=lambda: stamps.append(budget.acquire(1)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while bucket.failing_rate is None:  # the waiter was refused: it now sleeps until the window frees
+        assert time.monotonic() < deadline and waiter.is_alive()
+        time.sleep(0.005)
+    (lock_path,) = tmp_path.glob("*.lock")
+    other = FileLock(str(lock_path))  # another holder of the lock (its own descriptor, as another process)
+    with other:
+        time.sleep(0.6)  # past the waiter's planned wake (0.3 s window + pyrate-limiter's 50 ms buffer)
+        released = time.time()
+    waiter.join(timeout=10)
+    budget.close()
+    assert stamps and stamps[0]["requests"] >= int(released * 1000), (stamps, released)

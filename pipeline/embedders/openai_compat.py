@@ -14,7 +14,8 @@ Works with OpenAI, Azure OpenAI, vLLM, Ollama and TEI. Model names ``openai:<mod
 * extra JSON: ``model`` (default model for :meth:`OpenAIEmbeddingClient.from_connection`), ``dimensions``,
   ``max_inputs_per_request`` (2048), ``max_tokens_per_input`` (8192), ``max_tokens_per_request`` (300000),
   ``requests_per_minute``, ``tokens_per_minute``, ``timeout`` (60 s), ``token_safety_margin`` (0.25),
-  ``rate_limit_dir``, ``rate_limit_redis`` (``redis://:password@host:6379/0``).
+  ``rate_limit_dir``, ``rate_limit_redis`` (``redis://:password@host:6379/0``), ``permit_log`` (a file: one JSON
+  line per rate-budget permit, see :func:`pipeline.embedders.ratelimit.permit_log`).
 
 Limits are enforced *before* sending: a batch is split into requests of at most ``max_inputs_per_request``
 inputs and ``max_tokens_per_request`` tokens (order kept), and a batch holding an empty input or one above
@@ -61,6 +62,7 @@ from pipeline.embedders.ratelimit import (
     RateBudget,
     parse_duration,
     parse_retry_after,
+    permit_log,
     requests_in_flight,
 )
 
@@ -122,6 +124,8 @@ class OpenAIEmbeddingClient:
         key += "-" + hashlib.sha256(f"{self.base_url}\x1f{model}".encode()).hexdigest()[:10]
         self.budget = RateBudget(limits, key, rate_limit_dir, rate_limit_redis)
         self.pacer = HeaderPacer()
+        # Called with (texts, permit stamps by kind, tokens charged) before each request is sent: audits, specs.
+        self.on_permit: Callable[[list[str], dict[str, int], int], None] | None = None
         self.stats = {"requests": 0, "estimated_tokens": 0, "usage_tokens": 0, "counted_tokens": 0}
         self._lock = threading.Lock()  # stats and carry: encode may run in several threads at once
         self._calibrating = FirstAlone()  # the budget charges the margin until the provider's usage is known
@@ -174,7 +178,7 @@ class OpenAIEmbeddingClient:
         rate_dir = extra.get("rate_limit_dir") or os.path.join(
             local or os.path.join(tempfile.gettempdir(), "parallel-embeddings"), "ratelimit"
         )
-        return cls(
+        client = cls(
             base_url,
             conn.password or None,
             model,
@@ -186,6 +190,9 @@ class OpenAIEmbeddingClient:
             api_key_header=extra.get("api_key_header", "Authorization"),
             api_version=extra.get("api_version"),
         )
+        if extra.get("permit_log"):  # an audit of the rate budget (specs read it)
+            client.on_permit = permit_log(str(extra["permit_log"]))
+        return client
 
     # -- limits
 
@@ -271,7 +278,9 @@ class OpenAIEmbeddingClient:
         sdk = self._client()  # built before acquiring, so the permit is spent right before the send
         charge = self.rate_tokens(texts, tokens)
         self.pacer.wait(charge)
-        self.budget.acquire(charge)
+        stamps = self.budget.acquire(charge)
+        if self.on_permit is not None:
+            self.on_permit(texts, stamps, charge)
         with self._lock:
             self.stats["requests"] += 1
             self.stats["estimated_tokens"] += tokens

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import json
 import math
 import os
 import re
@@ -27,6 +29,8 @@ TOKEN_UNITS_PER_WINDOW = 10_000  # buckets store one entry per unit: tokens are 
 # budget, not this number, keeps them inside the limits. Bounded so that a provider without limits is not
 # flooded by (task instances x this) connections.
 MAX_IN_FLIGHT = 8
+# Milliseconds one attempt at a permit waits for the lock (and pyrate-limiter's buffer between its retries).
+_ATTEMPT_MS = 50
 
 
 @dataclass(frozen=True)
@@ -122,41 +126,20 @@ class RateBudget:
         window_ms = int(limits.rate_window_seconds * 1000)
         self.token_unit = 1
         self.max_request_tokens = limits.max_tokens_per_request
-        self._limiters: list[tuple[Any, Callable[[int], int]]] = []
+        self._limiters: list[_Budget] = []
         place = (redis_url, directory)
         if limits.requests_per_minute:
-            requests = self._limiter(limits.requests_per_minute, window_ms, key, "requests", place)
-            self._limiters.append((requests, lambda tokens: 1))
+            self._limiters.append(_Budget("requests", limits.requests_per_minute, window_ms, key, place))
         if limits.tokens_per_minute:
             self.token_unit = max(1, math.ceil(limits.tokens_per_minute / TOKEN_UNITS_PER_WINDOW))
             units = limits.tokens_per_minute // self.token_unit
             self.max_request_tokens = min(self.max_request_tokens, units * self.token_unit)
-            tokens_limiter = self._limiter(units, window_ms, key, "tokens", place)
-            self._limiters.append((tokens_limiter, lambda tokens: math.ceil(tokens / self.token_unit)))
+            self._limiters.append(_Budget("tokens", units, window_ms, key, place, self.token_unit))
 
-    @staticmethod
-    def _limiter(
-        limit: int, window_ms: int, key: str, kind: str, place: tuple[str | None, str | None]
-    ) -> Any:
-        from pyrate_limiter import InMemoryBucket, Limiter, Rate, RedisBucket, SQLiteBucket
-
-        rates = [Rate(limit, window_ms)]
-        redis_url, directory = place
-        name = f"{key}-{kind}-{window_ms}ms"  # a changed window never inherits entries counted under another
-        if redis_url:
-            from redis import Redis
-
-            return Limiter(RedisBucket.init(rates, Redis.from_url(redis_url), f"parallel-embeddings:{name}"))
-        if directory is None:
-            return Limiter(InMemoryBucket(rates))
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{name}.sqlite")
-        return Limiter(
-            SQLiteBucket.init_from_file(rates, table="rate_bucket", db_path=path, use_file_lock=True)
-        )
-
-    def acquire(self, tokens: int) -> None:
-        """Block until one request carrying ``tokens`` fits in every budget, then spend both permits at once.
+    def acquire(self, tokens: int) -> dict[str, int]:
+        """Block until one request carrying ``tokens`` fits in every budget, then spend both permits at once;
+        returns each spent permit's stamp by kind (ms of the bucket's clock: the wall clock in SQLite and Redis,
+        ``time.monotonic()`` in memory).
 
         Permits cannot be returned, and a permit taken before blocking on the other budget would be stamped
         earlier than the send. So: block on one budget, try the other without blocking; if it refuses, the
@@ -164,30 +147,111 @@ class RateBudget:
         """
         pending = list(self._limiters)
         while len(pending) > 1:
-            (first, w1), (second, w2) = pending[0], pending[1]
-            self._take(first, w1(tokens), tokens, blocking=True)
-            if self._take(second, w2(tokens), tokens, blocking=False):
-                return
-            pending = [pending[1], pending[0]]
-        if pending:
-            self._take(pending[0][0], pending[0][1](tokens), tokens, blocking=True)
+            first, second = pending[0], pending[1]
+            stamp = self._take(first, tokens, blocking=True)
+            if (other := self._take(second, tokens, blocking=False)) is not None:
+                return {first.kind: stamp, second.kind: other}
+            pending = [second, first]
+        return {pending[0].kind: self._take(pending[0], tokens, blocking=True)} if pending else {}
 
-    def _take(self, limiter: Any, weight: int, tokens: int, *, blocking: bool) -> bool:
-        # "Without blocking" is a short timeout: pyrate-limiter 4.5 passes blocking=False to filelock 4 as a
-        # timeout, which filelock rejects; a permit granted within the timeout is stamped when granted.
-        try:
-            if limiter.try_acquire("embeddings", weight, blocking=True, timeout=-1 if blocking else 0.05):
-                return True
-        except TimeoutError:
-            return False
-        if blocking:  # only when the weight exceeds the whole budget, which plan_requests prevents
-            raise RuntimeError(f"a request of {tokens} tokens can never fit the rate limits {self.limits}")
-        return False
+    def _take(self, budget: _Budget, tokens: int, *, blocking: bool) -> int | None:
+        """The stamp of a permit for ``tokens``; None if refused when not ``blocking``."""
+        # weight 0 would pass pyrate-limiter unstamped (and unlimited): a request always costs one unit
+        weight = 1 if budget.kind == "requests" else max(1, math.ceil(tokens / budget.unit))
+        while True:
+            if (stamp := budget.try_once(weight)) is not None or not blocking:
+                return stamp
+            wait_ms = budget.wait_ms(weight)
+            if wait_ms < 0:  # only when the weight exceeds the whole budget, which plan_requests prevents
+                raise RuntimeError(
+                    f"a request of {tokens} tokens can never fit the rate limits {self.limits}"
+                )
+            time.sleep(wait_ms / 1000)
 
     def close(self) -> None:
-        for limiter, _ in self._limiters:
-            limiter.close()
+        for budget in self._limiters:
+            budget.limiter.close()
         self._limiters = []
+
+
+class _Budget:
+    """One pyrate-limiter bucket (requests or token units) whose permits are stamped when granted.
+
+    pyrate-limiter's own blocking wait (4.5, and its main branch) re-puts the refused item at its old stamp
+    plus the planned sleep, not at the time it is granted: oversleeping and the file lock under load made
+    permits up to 82 ms older than their grant (measured), so one window of grants held more than the limit
+    (43 tokens of 40). Here every attempt is one fresh put (stamped inside the lock by the bucket's clock),
+    and the waits between attempts are ours.
+    """
+
+    def __init__(self, kind: str, limit: int, window_ms: int, key: str,
+                 place: tuple[str | None, str | None], unit: int = 1) -> None:  # fmt: skip
+        from pyrate_limiter import InMemoryBucket, Limiter, Rate, RateItem, RedisBucket, SQLiteBucket
+
+        self.kind, self.unit, self._item = kind, unit, RateItem
+        rates = [Rate(limit, window_ms)]
+        redis_url, directory = place
+        name = f"{key}-{kind}-{window_ms}ms"  # a changed window never inherits entries counted under another
+        if redis_url:
+            from redis import Redis
+
+            bucket = RedisBucket.init(rates, Redis.from_url(redis_url), f"parallel-embeddings:{name}")
+        elif directory is None:
+            bucket = InMemoryBucket(rates)
+        else:
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"{name}.sqlite")
+            bucket = SQLiteBucket.init_from_file(rates, table="rate_bucket", db_path=path, use_file_lock=True)
+        self.bucket = bucket
+        self.limiter = Limiter(bucket, buffer_ms=_ATTEMPT_MS)
+        self._stamped = threading.local()
+        wrap = self.limiter.bucket_factory.wrap_item
+
+        def stamping(name: str, weight: int = 1) -> Any:  # the item's stamp, for the caller's thread
+            item = wrap(name, weight)
+            self._stamped.stamp = item.timestamp
+            return item
+
+        self.limiter.bucket_factory.wrap_item = stamping
+
+    def try_once(self, weight: int) -> int | None:
+        """One put stamped now, or None. A timeout of at most the limiter's buffer makes pyrate-limiter give
+        up (at the timeout) before its re-put; it also stands for "without blocking": pyrate-limiter 4.5
+        passes blocking=False to filelock 4 as a timeout, which filelock rejects."""
+        self._stamped.stamp = None
+        try:
+            granted = self.limiter.try_acquire(
+                "embeddings", weight, blocking=True, timeout=_ATTEMPT_MS / 1000
+            )
+        except TimeoutError:
+            return None
+        return self._stamped.stamp if granted else None
+
+    def wait_ms(self, weight: int) -> int:
+        """Milliseconds until ``weight`` may fit (the bucket's last refusal), -1 if it never can."""
+        return self.bucket.waiting(self._item("embeddings", self.bucket.now(), weight))
+
+
+def texts_digest(texts: list[str] | tuple[str, ...]) -> str:
+    """A short digest naming one request's inputs (in a permit log, instead of the texts themselves)."""
+    return hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:20]
+
+
+def permit_log(path: str) -> Callable[[list[str], dict[str, int], int], None]:
+    """An ``on_permit`` appending one JSON line per permit to ``path``: the request's :func:`texts_digest`, the
+    permits' stamps (ms) by kind, the tokens charged, and ``clock``, seconds from ``time.monotonic()`` to the
+    wall clock of the stamps. One ``write`` per line in append mode: the processes of a machine share the file."""
+
+    def record(texts: list[str], stamps: dict[str, int], charged: int) -> None:
+        clock = max(time.time() - time.monotonic() for _ in range(3))  # a preemption only lowers a sample
+        line = {"texts": texts_digest(texts), "stamps": stamps, "charged": charged, "clock": clock}
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    return record
 
 
 def requests_in_flight(limits: Limits) -> int:
