@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -327,22 +326,12 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: Any) -> int:
-    from pipeline import runner
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-api-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    if not args.work_dir:  # mkdtemp's 0700 would keep PostgreSQL (user postgres, mode celery-2) out of its home
-        work.chmod(0o755)
-    os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
-    runner.use_airflow_home(args.airflow_home or work / "airflow")
+def run(args: Any, work: Path) -> tuple[dict[str, Any], str]:
+    """``bench --api``: the figures and their table (the work folder and Airflow home set up by bench_cli)."""
     overrides = dict(item.split("=", 1) for item in args.api_set)
     start_load = os.getloadavg()
     say(f"load average at start: {start_load}")
     result = run_api_bench(quick=args.quick, work=work, corpus_dir=args.corpus,
                            modes=available_modes(args.api_modes), overrides=overrides)  # fmt: skip
     result["load_average_start"] = start_load
-    print(render(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return result, render(result)

@@ -51,37 +51,40 @@ def add_parser(commands: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.e2e:
-        from pipeline.bench_e2e import main as bench_e2e_main
-
-        return bench_e2e_main(args)
-    if args.api:
-        from pipeline.bench_api import main as bench_api_main
-
-        return bench_api_main(args)
-    return overhead(args)
-
-
-def overhead(args: argparse.Namespace) -> int:
     if args.plot_from:
         plot([json.loads(Path(p).read_text()) for p in args.plot_from], args.plot)
         print(f"wrote {args.plot}")
         return 0
     from pipeline import runner
-    from pipeline.bench import default_models, render, run_bench
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if not args.work_dir:  # mkdtemp's 0700 would keep PostgreSQL (user postgres: --api's celery-2) out
+        work.chmod(0o755)
     os.environ.setdefault("AIRFLOW__CORE__MAX_MAP_LENGTH", "100000")  # before Airflow reads its config
     runner.use_airflow_home(args.airflow_home or work / "airflow")
-    models = args.model or default_models(args.quick)
-    result = run_bench(quick=args.quick, models=models, work=work, corpus_dir=args.corpus)
-    print(render(result))
+    if args.e2e:
+        from pipeline.bench_e2e import run
+    elif args.api:
+        from pipeline.bench_api import run
+    else:
+        run = overhead
+    result, table = run(args, work)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.plot:
+    if args.plot and not (args.e2e or args.api):
         plot([result], args.plot)
     return 0
+
+
+def overhead(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
+    """``bench [--quick]``: orchestration overhead against the embedder alone (:mod:`pipeline.bench`)."""
+    from pipeline.bench import default_models, render, run_bench
+
+    models = args.model or default_models(args.quick)
+    result = run_bench(quick=args.quick, models=models, work=work, corpus_dir=args.corpus)
+    return result, render(result)
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:

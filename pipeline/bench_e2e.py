@@ -17,11 +17,9 @@ other does not. Sizes run smallest first; raw and DAG alternate per size, so dri
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -145,15 +143,8 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: Any) -> int:
-    from pipeline import runner
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline-bench-e2e-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    runner.use_airflow_home(args.airflow_home or work / "airflow")
+def run(args: Any, work: Path) -> tuple[dict[str, Any], str]:
+    """``bench --e2e``: the figures and their table (the work folder and Airflow home set up by bench_cli)."""
     sizes = [int(s) for s in args.e2e.split(",") if s.strip()]
     result = measure((args.model or ["minilm"])[0], sizes, work)
-    print(render(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"e2e": result}, indent=2))
-    return 0
+    return {"e2e": result}, render(result)
