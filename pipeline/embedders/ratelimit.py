@@ -188,7 +188,7 @@ class _Budget:
                  place: tuple[str | None, str | None], unit: int = 1) -> None:  # fmt: skip
         from pyrate_limiter import InMemoryBucket, Limiter, Rate, RateItem, RedisBucket, SQLiteBucket
 
-        self.kind, self.unit, self._item = kind, unit, RateItem
+        self.kind, self.unit, self.limit, self._item = kind, unit, limit, RateItem
         rates = [Rate(limit, window_ms)]
         redis_url, directory = place
         name = f"{key}-{kind}-{window_ms}ms"  # a changed window never inherits entries counted under another
@@ -228,8 +228,20 @@ class _Budget:
         return self._stamped.stamp if granted else None
 
     def wait_ms(self, weight: int) -> int:
-        """Milliseconds until ``weight`` may fit (the bucket's last refusal), -1 if it never can."""
-        return self.bucket.waiting(self._item("embeddings", self.bucket.now(), weight))
+        """Milliseconds until ``weight`` may fit (the bucket's last refusal), -1 if it never can.
+
+        "Never" is decided here, from the limit: the bucket keeps only its *last* put's refusal, shared by this
+        process's threads, so what it says may be another thread's (read under the limiter's lock): none when
+        another put has succeeded since, or a wait already past (negative) when the entry it waited for has
+        expired. Either way: try again at once."""
+        from pyrate_limiter.limiter import combined_lock
+
+        if weight > self.limit:
+            return -1
+        with combined_lock(self.limiter.lock, blocking=True):
+            if self.bucket.failing_rate is None:
+                return 0
+            return max(0, self.bucket.waiting(self._item("embeddings", self.bucket.now(), weight)))
 
 
 def texts_digest(texts: list[str] | tuple[str, ...]) -> str:
