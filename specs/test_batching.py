@@ -64,6 +64,8 @@ def test_every_chunk_is_planned_exactly_once_in_order_in_contiguous_ranges(
 
 
 @given(plans())
+@example(([10**5, 5, 5], 2, 50)).via("an oversize first chunk: no empty batch before it")
+@example(([], 1, 50)).via("no chunks under a token cap: no batch")
 def test_no_batch_is_over_batch_size_or_over_max_tokens_except_a_lone_oversize_chunk(
     case: tuple[list[int], int, int | None],
 ) -> None:
