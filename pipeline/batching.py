@@ -64,11 +64,8 @@ def plan_batches(
         start, tokens = stop, 0
 
     for i, count in enumerate(token_counts):
-        if max_tokens is not None and count > max_tokens:  # oversize: alone, so it cannot sink its neighbours
-            close(i)
-            tokens = count
-            close(i + 1)
-            continue
+        # An oversize chunk (count > max_tokens) closes the batch before it, and its own count closes the batch
+        # after it: it is alone, so it cannot sink its neighbours.
         if i - start == batch_size or (max_tokens is not None and tokens + count > max_tokens):
             close(i)
         tokens += count

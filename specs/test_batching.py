@@ -64,6 +64,8 @@ def test_every_chunk_is_planned_exactly_once_in_order_in_contiguous_ranges(
 
 
 @given(plans())
+@example(([10**5, 5, 5], 2, 50)).via("an oversize first chunk: no empty batch before it")
+@example(([], 1, 50)).via("no chunks under a token cap: no batch")
 def test_no_batch_is_over_batch_size_or_over_max_tokens_except_a_lone_oversize_chunk(
     case: tuple[list[int], int, int | None],
 ) -> None:
@@ -96,6 +98,7 @@ def test_with_only_the_count_limit_only_the_last_batch_is_partial(
 
 
 @given(plans())
+@example(([2, 3, 5], 10, 5)).via("a batch may hold exactly max_tokens")
 def test_the_greedy_plan_closes_a_batch_only_when_the_next_chunk_would_break_a_limit(
     case: tuple[list[int], int, int | None],
 ) -> None:
@@ -106,6 +109,18 @@ def test_the_greedy_plan_closes_a_batch_only_when_the_next_chunk_would_break_a_l
         too_many = b.size + 1 > batch_size
         too_heavy = max_tokens is not None and b.tokens + counts[nxt.start] > max_tokens
         assert too_many or too_heavy
+
+
+@given(plans())
+@example(([3, 1, 4, 1, 5], 2, 5)).via("a token cap: the greedy loop, not the arithmetic")
+def test_a_numpy_array_of_token_counts_plans_as_the_list_does_in_plain_ints(
+    case: tuple[list[int], int, int | None],
+) -> None:
+    """Token counts may come as a numpy int64 array: the plan is the list's, its numbers plain ints (XCom JSON)."""
+    counts, batch_size, max_tokens = case
+    plan = plan_batches(np.asarray(counts, dtype=np.int64), batch_size=batch_size, max_tokens=max_tokens)
+    assert plan == plan_batches(counts, batch_size=batch_size, max_tokens=max_tokens)
+    assert all(type(v) is int for b in plan for v in b.as_dict().values())
 
 
 @pytest.mark.parametrize("batch_size", [0, -1])
@@ -148,6 +163,8 @@ def map_length_cases(draw: st.DrawFn) -> tuple[list[int], int, int | None, int, 
 @example(([6, 6, 1, 1], 1, 7, 1, 3, True)).via("the token cap still binds in the grown plan")
 @example(([1, 1, 1, 4, 2, 5], 1, 10, 1, 2, True)).via("the search probes whole batch sizes only")
 @example(([1] * 10, 1, None, 1, 3, True)).via("no token cap: grows straight to ceil(n / budget)")
+@example(([1, 1, 1], 1, 10, 2, 2, True)).via("a budget of exactly one batch under a token cap")
+@example(([5, 1, 1, 1, 1, 1, 1, 1, 5], 1, 6, 1, 3, True)).via("the smallest size is one above a failed probe")
 def test_plan_within_map_length_fits_grows_only_as_needed_or_names_the_setting(
     case: tuple[list[int], int, int | None, int, int, bool],
 ) -> None:
@@ -193,8 +210,8 @@ def test_a_100k_chunk_corpus_plans_within_max_map_length():
 @pytest.mark.parametrize(
     ("grow", "max_tokens", "fix"),
     [
-        (True, 10, "raise max_tokens (the per-batch token cap), use fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
-        (False, 10, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (True, 20, "raise max_tokens (the per-batch token cap), use fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
+        (False, 20, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
         (False, None, "use --granularity batch, fewer models, or raise AIRFLOW__CORE__MAX_MAP_LENGTH"),
     ],
 )  # fmt: skip
@@ -202,9 +219,9 @@ def test_a_plan_over_max_map_length_counts_the_instances_and_says_what_to_change
     grow: bool, max_tokens: int | None, fix: str
 ) -> None:
     """The error gives inputs x models = instances against the limit, then the settings that would fit it."""
-    with pytest.raises(PlanError) as raised:  # a token cap of one chunk, or batches of one: 6 batches
+    with pytest.raises(PlanError) as raised:  # a token cap of two chunks, or batches of two: 6 batches
         plan_within_map_length(
-            [10] * 6, batch_size=1, max_tokens=max_tokens, fan_out=2, max_map_length=4, grow=grow
+            [10] * 12, batch_size=2, max_tokens=max_tokens, fan_out=2, max_map_length=4, grow=grow
         )
     assert str(raised.value) == (
         f"6 inputs x 2 models = 12 mapped task instances, above [core] max_map_length=4; {fix}"

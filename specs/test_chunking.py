@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.chunking import TOKEN, Chunk, chunk_text, count_tokens
-from specs.strategies import paragraphs, plain_words, relpaths, texts, words
+from pipeline.chunking import TOKEN, Chunk, chunk_id, chunk_text, count_tokens
+from specs.strategies import paragraphs, plain_words, relpaths, sentences, texts, words
 
 max_tokens_ = st.integers(1, 40)
 
@@ -18,7 +19,7 @@ max_tokens_ = st.integers(1, 40)
 def chunking_args(draw: st.DrawFn, text: st.SearchStrategy[str] | None = None) -> tuple[str, int, int]:
     """A text, a token budget and an overlap below it."""
     max_tokens = draw(max_tokens_)
-    return draw(text or texts()), max_tokens, draw(st.integers(0, max_tokens - 1))
+    return draw(text if text is not None else texts()), max_tokens, draw(st.integers(0, max_tokens - 1))
 
 
 def rebuild_tokens(chunks: list[Chunk], overlap: int) -> list[str]:
@@ -88,6 +89,17 @@ def test_ids_are_unique_per_document_and_carry_path_and_ordinal(doc: str, args: 
         assert c.id.startswith(f"{doc}#{c.ordinal}:")
 
 
+@given(relpaths(), st.integers(0, 10**6), st.text(min_size=1))
+@example("notes/a.txt", 7, "Grüße, 世界.").via("non-ASCII text: the digest is of its UTF-8 bytes")
+def test_an_id_is_path_ordinal_and_a_12_hex_digit_blake2b_of_the_utf8_text(
+    doc: str, ordinal: int, text: str
+) -> None:
+    """chunk_id is ``<path>#<ordinal>:<BLAKE2b with a 6-byte digest of the UTF-8 text>``, the same on any machine
+    and in any release: the store is keyed by it."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()
+    assert chunk_id(doc, ordinal, text) == f"{doc}#{ordinal}:{digest}"
+
+
 @given(st.lists(relpaths(), min_size=2, max_size=2, unique=True), words())
 def test_the_same_text_in_two_documents_gets_different_ids(docs: list[str], text: str) -> None:
     """Ids include the document path: equal texts in different files do not collide in the store."""
@@ -136,17 +148,63 @@ def test_paragraph_boundaries_are_preferred_over_filling_the_budget(
     assert [c.text for c in chunks] == paras
 
 
-def test_sentence_ends_are_preferred_over_hard_cuts() -> None:
-    """Without a paragraph break in the window, the chunk ends after the last sentence mark in it."""
-    text = "one two three four five six. seven eight nine ten"
-    chunks = chunk_text("d.txt", text, max_tokens=9)
-    assert chunks[0].text == "one two three four five six."
+@given(
+    st.lists(sentences(max_words=6), min_size=1, max_size=8), plain_words(max_words=10), st.integers(1, 30)
+)
+@example(["one two three four five six."], "seven eight nine ten", 9).via("one sentence end in the window")
+@example(["one two.", "three.", "four five."], "six seven eight nine", 9).via(
+    "two in the window: the later one"
+)
+def test_sentence_ends_are_preferred_over_hard_cuts(
+    sentences_: list[str], tail: str, max_tokens: int
+) -> None:
+    """Without a paragraph break in the window, the chunk ends after the last sentence mark in it that keeps half
+    the budget, else it is cut hard at max_tokens."""
+    text = " ".join([*sentences_, tail]).strip()
+    ends = list(itertools.accumulate(count_tokens(s) for s in sentences_))  # tokens up to each sentence end
+    total = count_tokens(text)
+    in_window = [k for k in ends if max(1, max_tokens // 2) <= k <= max_tokens]
+    expected = total if total <= max_tokens else max(in_window, default=max_tokens)
+    assert chunk_text("d.txt", text, max_tokens=max_tokens)[0].tokens == expected
 
 
-def test_a_natural_boundary_never_costs_more_than_half_the_budget() -> None:
-    """A sentence end early in the window is ignored: the chunk is cut hard at the budget instead."""
-    text = "one. two three four five six seven eight nine ten eleven"
-    assert chunk_text("d.txt", text, max_tokens=8)[0].tokens == 8
+@given(
+    plain_words(min_words=1, max_words=30),
+    st.sampled_from(["\n\n", "\n \n", ". ", "? ", "。\n"]),
+    plain_words(min_words=30, max_words=32),
+    st.integers(1, 30),
+)
+@example("one", ". ", "two three four five six seven eight nine ten eleven", 8).via("2 tokens of 8: cut hard")
+@example("one", "\n\n", "two three four", 3).via("a budget of 3 keeps a one-token chunk (half, rounded down)")
+@example("one two three", "\n\n", "four five six seven eight nine", 8).via(
+    "one token short of half the budget"
+)
+def test_a_natural_boundary_never_costs_more_than_half_the_budget(
+    before: str, boundary: str, after: str, max_tokens: int
+) -> None:
+    """A paragraph break or sentence end in the window ends the chunk only if the chunk keeps max_tokens // 2
+    tokens (at least one); an earlier one is ignored and the chunk is cut hard at max_tokens."""
+    at = count_tokens(before + boundary)  # the chunk's tokens if it ends at the boundary (a mark is a token)
+    expected = at if max(1, max_tokens // 2) <= at <= max_tokens else max_tokens
+    assert chunk_text("d.txt", before + boundary + after, max_tokens=max_tokens)[0].tokens == expected
+
+
+@st.composite
+def words_joined_by_marks(draw: st.DrawFn) -> str:
+    """Words joined by a space or by a sentence mark with no space after it (3.14, v1.2, a!b): no boundary."""
+    ws = draw(st.lists(words(max_size=6), min_size=1, max_size=40))
+    joints = draw(st.lists(st.sampled_from([" ", ".", "!", "?", "。"]), min_size=len(ws), max_size=len(ws)))
+    return "".join(w + j for w, j in zip(ws, joints, strict=True)).rstrip()
+
+
+@given(chunking_args(text=words_joined_by_marks()))
+@example(("version 3.14 is out now", 4, 0)).via("a decimal point")
+def test_a_sentence_mark_inside_a_word_or_number_ends_no_sentence(args: tuple[str, int, int]) -> None:
+    """A mark with no whitespace after it (3.14, v1.2, a!b) is no sentence end: every chunk but the last is cut
+    hard at max_tokens."""
+    text, max_tokens, overlap = args
+    chunks = chunk_text("d.txt", text, max_tokens=max_tokens, overlap=overlap)
+    assert all(c.tokens == max_tokens for c in chunks[:-1])
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from pipeline.embedders import (
     get_embedder,
     validate_models,
 )
-from specs.strategies import OFFLINE_MODELS, nonblank_texts
+from specs.strategies import OFFLINE_MODELS, nonblank_texts, whitespace
 
 DIMS = {"hash-words-256": 256, "hash-chars-384": 384}
 batches = st.lists(nonblank_texts(), min_size=1, max_size=8)
@@ -37,6 +37,12 @@ offline = st.sampled_from(OFFLINE_MODELS)
 def test_the_defaults_are_the_offline_hashing_models() -> None:
     """The default models need no network and no download."""
     assert set(DEFAULT_MODELS) == set(OFFLINE_MODELS) == set(DIMS)
+
+
+@pytest.mark.parametrize("model", OFFLINE_MODELS)
+def test_an_embedder_carries_the_name_it_is_registered_under(model: str) -> None:
+    """get_embedder(name).name is name: its errors name the model that was asked for."""
+    assert get_embedder(model).name == model
 
 
 @given(offline, batches)
@@ -119,6 +125,13 @@ def test_the_two_hashing_models_see_text_differently() -> None:
     chars = get_embedder("hash-chars-384").embed(["green apple pie", "apple pie green"])
     assert words.shape[1] != chars.shape[1]
     assert not np.isclose(float(words[0] @ words[1]), float(chars[0] @ chars[1]))
+
+
+@given(offline, whitespace().filter(bool))
+def test_a_whitespace_only_text_embeds_to_the_zero_vector_not_nan(model: str, text: str) -> None:
+    """Whitespace has no features: its row is all zeros (nothing to normalise), not NaN and not an error (chunks
+    never are whitespace only: chunk_text makes none of a text without tokens)."""
+    assert np.array_equal(get_embedder(model).embed([text]), np.zeros((1, DIMS[model]), np.float32))
 
 
 @given(offline, nonblank_texts(), st.text(" \t\n\u00a0", min_size=1, max_size=3))
