@@ -150,7 +150,8 @@ def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str
     to_monotonic = time.monotonic() - time.time()  # the emulator stamps arrivals with time.monotonic()
     start = phase["start"] + to_monotonic
     accepted = [r for r in log if r["status"] == 200]
-    tokens = sum(r["tokens"] for r in accepted)
+    # work done: a request accepted twice (sent again after its answer was lost) counts once
+    tokens = sum({r.get("digest", i): r["tokens"] for i, r in enumerate(accepted)}.values())
     e = report["embeddings"]
     row = {
         "mode": mode,
@@ -161,6 +162,7 @@ def measure(mode: str, conf: dict[str, Any], work: Path, emulator_args: list[str
         "wall_seconds": report["wall_seconds"],
         "requests": len(log),
         "accepted_tokens": tokens,
+        "accepted_again": len(accepted) - len({r.get("digest", i) for i, r in enumerate(accepted)}),
         "task_instances": report["mapped_task_instances"],
         "failed": e["failed"],
         "request_concurrency": conf.get("request_concurrency", "auto"),

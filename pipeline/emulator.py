@@ -299,9 +299,11 @@ class Emulator:
     # -- accounting
 
     def log(self) -> list[dict[str, Any]]:
-        """The request log without texts (JSON-able)."""
+        """The request log without texts (JSON-able); ``digest`` names a request's inputs (resends repeat it)."""
         with self._lock:
-            return [{k: v for k, v in asdict(r).items() if k != "texts"} for r in self.records]
+            return [{k: v for k, v in asdict(r).items() if k != "texts"}
+                    | {"digest": hashlib.sha256("\x1f".join(r.texts).encode()).hexdigest()[:16]}
+                    for r in self.records]  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.config).items() if k not in ("api_key", "fault_headers")}
