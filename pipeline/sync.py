@@ -8,8 +8,8 @@ and goes to the embedder. A previously failed pair has no row, so it is pending 
 
 Cleanup decides which stored ids go: ``none`` keeps everything, ``incremental`` removes ids of the documents
 this run read that are no longer among their chunks, ``full`` also removes documents absent from the corpus.
-Deleting more than half of a model's rows is refused unless forced: an empty or mistyped corpus must not wipe a
-store. Nothing here touches Airflow, the store or files.
+Deleting more than half of a model's vectors (ids whose vector no shifted chunk takes over) is refused unless
+forced: an empty or mistyped corpus must not wipe a store. Nothing here touches Airflow, the store or files.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def plan_model(
         else:
             pending.add(c.id)
     delete = frozenset(deletions(index, chunks, cleanup))
-    guard(model, len(delete), len(index), cleanup, force)
+    # An id whose vector a shifted chunk takes over is renamed, not lost: an insertion at the top of a document
+    # holding most of the store re-ids all its chunks, and must not need force_cleanup.
+    guard(model, len(delete - set(reuse.values())), len(index), cleanup, force)
     return ModelSync(model, frozenset(stored), reuse, frozenset(pending), delete, len(index))
 
 
@@ -96,7 +98,8 @@ def deletions(index: Mapping[str, Stored], chunks: Sequence[RunChunk], cleanup: 
 
 
 def guard(model: str, deleting: int, rows: int, cleanup: str, force: bool) -> None:
-    """Refuse to delete more than MAX_CLEANUP_SHARE of a model's rows unless ``force``."""
+    """Refuse to lose more than MAX_CLEANUP_SHARE of a model's rows (``deleting``: deleted ids whose vector no
+    run chunk reuses) unless ``force``."""
     if not force and deleting and deleting > MAX_CLEANUP_SHARE * rows:
         raise CleanupRefused(
             f"cleanup={cleanup} would delete {deleting} of {rows} vectors of {model} "

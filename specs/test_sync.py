@@ -81,13 +81,26 @@ def test_cleanup_deletes_only_ids_gone_from_the_documents_read_or_the_corpus(chu
 def test_a_cleanup_of_more_than_half_of_the_store_is_refused_unless_forced(
     chunks, index, mode, force
 ) -> None:
-    """The guard: deleting more than half of a model's rows needs force_cleanup; the error names the flag."""
-    would_delete = len(plan_model("m", "v1", chunks, index, cleanup=mode, force=True).delete)
-    if would_delete > len(index) / 2 and not force:
+    """The guard: losing more than half of a model's vectors (deleted ids no shifted chunk reuses) needs
+    force_cleanup; the error names the flag."""
+    forced = plan_model("m", "v1", chunks, index, cleanup=mode, force=True)
+    would_delete = len(forced.delete)
+    if len(forced.delete - set(forced.reuse.values())) > len(index) / 2 and not force:
         with pytest.raises(CleanupRefused, match=r"would delete \d+ of \d+ vectors of m .*--force-cleanup"):
             plan_model("m", "v1", chunks, index, cleanup=mode, force=force)
     else:
         assert len(plan_model("m", "v1", chunks, index, cleanup=mode, force=force).delete) == would_delete
+
+
+def test_an_insertion_that_re_ids_most_of_the_store_is_not_refused_its_vectors_move() -> None:
+    """A paragraph inserted at the top of the only document shifts every chunk: all old ids go, but each vector
+    moves to its chunk's new id, so nothing is lost and the guard lets the run through without force."""
+    index = {f"d.md#{i}:h{i}": Stored(f"h{i}", "v1", "d.md") for i in range(4)}
+    chunks = [RunChunk("d.md#0:new", "d.md", "new")]
+    chunks += [RunChunk(f"d.md#{i + 1}:h{i}", "d.md", f"h{i}") for i in range(4)]
+    plan = plan_model("m", "v1", chunks, index)
+    assert plan.delete == set(index) and set(plan.reuse.values()) == set(index)
+    assert plan.pending == {"d.md#0:new"}
 
 
 def test_an_unknown_cleanup_mode_is_refused_naming_the_modes() -> None:
