@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "mutation.md"
 LINE = re.compile(r"^\s*(pipeline\.\S+__mutmut_\d+): (.+)$")
 EQUIVALENT = re.compile(r"^\| `(pipeline\.\S+__mutmut_\d+)` \|", re.M)
+SAME = "## Surviving mutants that are equivalent"
 OUTSIDE = "## Surviving mutants killed by specs outside the selection"
 COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "not checked", "other")
 
@@ -46,9 +47,10 @@ def main() -> None:
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     doc = DOC.read_text() if DOC.exists() else ""
-    outside_at = doc.find(OUTSIDE)
-    equivalent = set(EQUIVALENT.findall(doc[:outside_at] if outside_at >= 0 else doc))
-    outside = set(EQUIVALENT.findall(doc[outside_at:])) if outside_at >= 0 else set()
+    equivalent, outside = (
+        set(EQUIVALENT.findall(section(doc, SAME))),
+        set(EQUIVALENT.findall(section(doc, OUTSIDE))),
+    )
     counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in text.splitlines():
         match = LINE.match(line)
@@ -69,6 +71,15 @@ def main() -> None:
         total.update(counts[module])
         print(row(f"`{module}`", counts[module]))
     print(row("**all**", total))
+
+
+def section(doc: str, heading: str) -> str:
+    """The text under ``heading`` up to the next heading of the same level ("" when absent)."""
+    start = doc.find(heading)
+    if start < 0:
+        return ""
+    end = doc.find("\n## ", start + len(heading))
+    return doc[start : end if end >= 0 else len(doc)]
 
 
 def row(label: str, c: collections.Counter[str]) -> str:
