@@ -7,8 +7,12 @@ earlier row) with the vectors a fresh full run gives, and the embedder was sent 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +109,11 @@ class SyncedStore(RuleBasedStateMachine):
         have = {m: {t for t, v in self.rows[m].values() if v == versions[m]} for m in MODELS}
         expected_sent = {m: {c.id for c in chunks if c.text not in have[m]} for m in MODELS}
 
-        sent, summary, lost, counts = self.execute(fail_rate, fail_seed, lose)
+        sent, summary, lost, report = self.execute(fail_rate, fail_seed, lose)
+        counts = report["sync"]["per_model"]
 
         plan = FaultPlan(fail_rate, 0.0, fail_seed)
+        inserted = updated = 0
         for m in MODELS:
             assert sent[m] == expected_sent[m], f"{m}: sent pairs differ from new + changed + failed"
             failed = {i for i in sent[m] if plan.fault(i, m) is Fault.PERMANENT} | lost[m]
@@ -123,6 +129,8 @@ class SyncedStore(RuleBasedStateMachine):
                 if i in ids or (self.cleanup == "incremental" and i.rpartition("#")[0] not in self.corpus)
             }
             stored = {c.id for c in chunks if before.get(c.id) == (c.text, versions[m])}
+            written = {c.id for c in chunks} - stored - failed  # embedded or reused: under a new or old id
+            inserted, updated = inserted + len(written - set(before)), updated + len(written & set(before))
             assert counts[m] == {  # what the report's sync section says, per model
                 "embedded": len(sent[m] - failed),
                 "skipped": len(chunks) - len(sent[m]),  # stored, or reused from a row with the same text
@@ -131,6 +139,14 @@ class SyncedStore(RuleBasedStateMachine):
             }, m
         assert summary["succeeded"] + summary["failed"] + summary["skipped"] == len(chunks) * len(MODELS)
         self.check_store(versions)
+        # the report's store section: rows written under a new id (inserted) or over a stored one (updated), summed
+        # over the models, and the rows the store holds afterwards
+        assert report["uri"] == str(self.root / "work" / "store")
+        assert (report["inserted"], report["updated"]) == (inserted, updated)
+        assert report["upserted"] == inserted + updated
+        assert report["per_model"] == {m: len(self.rows[m]) for m in MODELS}
+        assert report["vectors"] == sum(len(self.rows[m]) for m in MODELS)
+        self.report = report
 
     def execute(self, fail_rate: float, fail_seed: int, lose: bool):
         s = Settings(
@@ -163,7 +179,7 @@ class SyncedStore(RuleBasedStateMachine):
         summary = steps.aggregate_results(pending, plan, MODELS, results, directory)
         stored = steps.upsert_vectors(s, pending, summary, MODELS, directory)
         assert stored["verified"]
-        return sent, summary, lost, stored["sync"]["per_model"]
+        return sent, summary, lost, stored
 
     def check_store(self, versions: dict[str, str]) -> None:
         uri = str(self.root / "work" / "store")
@@ -389,3 +405,128 @@ def test_reused_vectors_are_written_when_the_models_only_embed_task_instance_lef
         assert len(machine.rows[MODELS[0]]) == 3 and len(machine.rows[MODELS[1]]) == 4
     finally:
         machine.teardown()
+
+
+def test_the_upsert_report_sums_inserted_and_updated_rows_over_the_models_and_counts_the_store() -> None:
+    """A version switch re-embeds every stored pair under its own id (updated), a new document adds rows
+    (inserted): the report sums each over the models, upserted = inserted + updated, vectors = the store's rows."""
+    machine = SyncedStore()
+    try:
+        machine.start()
+        machine.add_or_replace_a_document("doc0.txt", paragraphs(*WORDS[:3]))  # 3 chunks
+        machine.run(0.0, 0, False)
+        machine.switch_the_hashing_models_version()
+        machine.add_or_replace_a_document("doc1.txt", paragraphs(WORDS[3]))  # 1 chunk
+        machine.run(0.0, 0, False)  # asserts the report's counts against the rows written
+        report = machine.report
+        assert (report["inserted"], report["updated"], report["upserted"], report["vectors"]) == (2, 6, 8, 8)
+    finally:
+        machine.teardown()
+
+
+def test_full_cleanup_removes_the_vectors_of_a_document_gone_from_the_corpus() -> None:
+    """cleanup=full: a document deleted from the corpus loses its vectors in every model (incremental keeps them)."""
+    machine = SyncedStore()
+    try:
+        machine.start()
+        machine.add_or_replace_a_document("a.txt", paragraphs(*WORDS[:3]))
+        machine.add_or_replace_a_document("b.txt", paragraphs(WORDS[3]))
+        machine.run(0.0, 0, False)
+        del machine.corpus["b.txt"]
+        machine.run(0.0, 0, False)  # asserts the store equals the expected rows
+        for m in MODELS:
+            docs = {i.partition("#")[0] for i in store.read_index(str(machine.root / "work" / "store"), m)}
+            assert docs == {"a.txt"}, m
+    finally:
+        machine.teardown()
+
+
+@contextlib.contextmanager
+def recording(staged: list, opened: list) -> Iterator[None]:
+    """Record the connection of every staging path and the storage options of every store connection made
+    (the real functions still do the work)."""
+    as_path, connect = staging.as_path, store.connect
+
+    def staging_path(uri, conn_id=None):
+        staged.append((uri, conn_id))
+        return as_path(uri, conn_id)
+
+    def store_connection(uri, storage_options=None):
+        opened.append(storage_options)
+        return connect(uri, storage_options)
+
+    staging.as_path, store.connect = staging_path, store_connection
+    try:
+        yield
+    finally:
+        staging.as_path, store.connect = as_path, connect
+
+
+def test_the_sync_steps_use_the_runs_connection_and_storage_options_and_keep_the_corpus_reference(
+    tmp_path,
+) -> None:
+    """On a URL work dir, every file select_pending and upsert_vectors stage or read goes through
+    object_storage_conn_id and every store access gets the storage options (on object storage: the keys); the
+    pending set carries the corpus's own reference (uri, count, tokens, connection) for the upsert and compare."""
+    s = dataclasses.replace(
+        one_model_settings(tmp_path, paragraphs(*WORDS[:3])),
+        work_dir=f"file://{tmp_path}/work", store_uri=str(tmp_path / "store"), object_storage_conn_id="staging_conn",
+    )  # fmt: skip
+    options = {"timeout": "30s"}  # a client option of every object store; a local store ignores it
+    staged: list[tuple[str, str | None]] = []
+    opened: list[dict | None] = []
+    for run in ("first", "second"):  # the second finds the store: it reads its index and vectors
+        directory = steps.run_dir(s, run)
+        chunk_set = steps.chunk_documents(s, steps.discover_documents(s), directory)
+        with recording(staged, opened):
+            pending = sync_steps.select_pending(s, chunk_set, MODELS[:1], directory, options)
+        plan = [b.as_dict() for b in plan_batches(staging.read_token_counts(pending), batch_size=4)]
+        results = [steps.embed_batch(s, pending, b, MODELS[0], directory) for b in plan]
+        conn_id = s.object_storage_conn_id
+        summary = steps.aggregate_results(pending, plan, MODELS[:1], results, directory, conn_id)
+        with recording(staged, opened):
+            report = sync_steps.upsert_vectors(s, pending, summary, MODELS[:1], directory, options)
+        assert report["verified"] and report["per_model"] == {MODELS[0]: 3}
+        assert chunk_set["conn_id"] == "staging_conn"
+        assert pending["corpus"] == {k: chunk_set[k] for k in ("uri", "count", "tokens", "conn_id")}
+        assert pending["conn_id"] == "staging_conn" and pending["count"] == {"first": 3, "second": 0}[run]
+    assert staged and {conn for _, conn in staged} == {"staging_conn"}, staged
+    assert opened and all(o == options for o in opened), opened
+
+
+def test_an_api_models_version_is_looked_up_with_the_runs_rate_buckets(monkeypatch, tmp_path) -> None:
+    """select_pending gets an API model's version (its dimension: one probe unless the connection sets it) from a
+    client on the run's rate-limit buckets under work_dir, the budget every task of the run shares."""
+    extra = {"dimensions": 8, "requests_per_minute": 60}
+    conn = {"conn_type": "http", "host": "http://127.0.0.1:9", "password": "k", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_EMB_OFFLINE", json.dumps(conn))
+    model = "openai:some-model@emb_offline"
+    s = Settings(corpus_dir=str(tmp_path), models=(model,), work_dir=str(tmp_path / "work"))
+    chunks = chunk_text("a.txt", paragraphs(WORDS[0]), max_tokens=CHUNK_TOKENS)
+    chunk_set = staging.write_chunk_set(str(tmp_path / "chunks"), chunks)
+    pending = sync_steps.select_pending(s, chunk_set, [model], str(tmp_path / "run"))
+    assert pending["sync"][model]["pending"] == len(chunks) == 1
+    assert any(p.suffix == ".sqlite" for p in (tmp_path / "work" / "ratelimit").iterdir())
+
+
+def test_a_verification_error_names_each_models_differences_on_one_line(tmp_path) -> None:
+    """Several models and several kinds of difference: one line, models separated by '; ', kinds by ', '."""
+    s = dataclasses.replace(one_model_settings(tmp_path, paragraphs(*WORDS[:2])), models=MODELS)
+
+    def steps_up_to_the_upsert(run: str):
+        directory = steps.run_dir(s, run)
+        chunk_set = steps.chunk_documents(s, steps.discover_documents(s), directory)
+        pending = sync_steps.select_pending(s, chunk_set, MODELS, directory)
+        plan = [b.as_dict() for b in plan_batches(staging.read_token_counts(pending), batch_size=4)]
+        results = [steps.embed_batch(s, pending, b, m, directory) for b in plan for m in MODELS]
+        summary = steps.aggregate_results(pending, plan, MODELS, results, directory)
+        return lambda: steps.upsert_vectors(s, pending, summary, MODELS, directory)
+
+    assert steps_up_to_the_upsert("first")()["verified"]
+    upsert = steps_up_to_the_upsert("second")  # everything stored: nothing to write
+    for m in MODELS:  # another writer removes a row each model counts as stored: missing, and not current
+        store.delete(s.store_uri, m, sorted(store.read_index(s.store_uri, m))[:1])
+    with pytest.raises(sync_steps.VerifyError) as raised:
+        upsert()
+    differences = "; ".join(f"{m}: 1 missing, 1 stale" for m in MODELS)
+    assert str(raised.value) == f"the store does not match the run: {differences} (store {s.store_uri})"
