@@ -257,3 +257,20 @@ def test_every_models_table_is_found_however_many_models_there_are(tmp_path) -> 
         store.upsert(uri, model, POOL[i : i + 1], vectors_for([i], 1), compact=False)
     assert store.count_vectors(uri, models) == dict.fromkeys(models, 1)
     assert [store.read_ids(uri, model) for model in models] == [[c.id] for c in POOL[:12]]
+
+
+def versions_added_by_deleting(uri: str, model: str, count: int) -> int:
+    """Table versions a ``store.delete`` of ``count`` of ``count + 1`` stored chunks commits (compaction included)."""
+    chunks = [Chunk(chunk_id("d.txt", i, f"t {i}"), "d.txt", i, f"t {i}", 2) for i in range(count + 1)]
+    store.upsert(uri, model, chunks, np.ones((count + 1, DIM), np.float32))
+    before = store.connect(uri).open_table(store.table_name(model)).version
+    assert store.delete(uri, model, [c.id for c in chunks[:count]]) == count
+    return store.connect(uri).open_table(store.table_name(model)).version - before
+
+
+@pytest.mark.parametrize(("count", "parts"), [(3, 1), (500, 1), (501, 2)])
+def test_a_delete_commits_once_per_part_of_500_ids_not_once_per_id(tmp_path, count: int, parts: int) -> None:
+    """Deleting ids commits one table version per part of up to 500 ids, as many as deleting one id does plus one
+    per further part: each commit is a manifest write (a conditional put on object storage)."""
+    one = versions_added_by_deleting(str(tmp_path), "one", 1)
+    assert versions_added_by_deleting(str(tmp_path), "many", count) == one + parts - 1
