@@ -169,7 +169,9 @@ def read_vectors(
     found: dict[str, np.ndarray] = {}
     for part in _batches(ids):
         data = table.search().where(_id_filter(part)).select(["id", "vector"]).limit(None).to_arrow()
-        vectors = data.column("vector").combine_chunks().flatten().to_numpy().reshape(len(data), -1)
+        # The table's width, not -1: a part none of whose ids is stored reads 0 rows, and (0, -1) is no shape.
+        width = data.schema.field("vector").type.list_size
+        vectors = data.column("vector").combine_chunks().flatten().to_numpy().reshape(len(data), width)
         found.update(zip(data.column("id").to_pylist(), vectors, strict=True))
     return found
 

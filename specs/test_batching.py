@@ -357,13 +357,16 @@ def test_against_a_token_budget_auto_gives_each_task_instance_seconds_of_it(
     counts: np.ndarray, models: int, request_tokens: int, request_inputs: int, tokens_per_second: float
 ) -> None:
     """With a provider's token budget, a task instance carries >= BUDGET_SECONDS_PER_INSTANCE seconds of it (its
-    start-up stays a few percent); never smaller than the rule without a budget gives."""
+    start-up stays a few percent); never smaller than the rule without a budget gives, and no bigger than
+    needed: one chunk fewer would carry less than those seconds."""
     caps = dict(fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs)
     size = auto_batch_size(counts, **caps, tokens_per_second=tokens_per_second)
-    assert size >= auto_batch_size(counts, **caps)
+    without = auto_batch_size(counts, **caps)
+    assert size >= without
     if len(counts):
         mean = max(1.0, float(counts.sum()) / len(counts))
         assert size * mean >= BUDGET_SECONDS_PER_INSTANCE * tokens_per_second
+        assert size == without or (size - 1) * mean < BUDGET_SECONDS_PER_INSTANCE * tokens_per_second
 
 
 @pytest.mark.parametrize(
@@ -459,20 +462,29 @@ def test_without_a_crossed_list_the_plan_is_the_one_for_a_single_model(
     assert plan_for_mapping(**kwargs | {"crossed": None}) == single
 
 
-@given(st.lists(st.integers(1, 60), max_size=400), st.integers(1, 3), st.integers(1, 600), st.integers(1, 64))
+@given(
+    st.lists(st.integers(1, 60), max_size=400),
+    st.integers(1, 3),
+    st.integers(1, 600),
+    st.integers(1, 64),
+    st.none() | st.floats(1.0, 1e4),
+)
+@example([10] * 100, 1, 600, 64, 500.0).via("a token budget that makes batches bigger than the caps' rule")
 def test_auto_in_the_mapping_plan_is_auto_batch_size_for_the_crossed_lists_length(
-    counts: list[int], models: int, request_tokens: int, request_inputs: int
+    counts: list[int], models: int, request_tokens: int, request_inputs: int, tokens_per_second: float | None
 ) -> None:
-    """batch_size="auto" in map_batches' plan sizes batches with auto_batch_size(fan_out=len(crossed), the caps)."""
+    """batch_size="auto" in map_batches' plan sizes batches with auto_batch_size(fan_out=len(crossed), the caps,
+    the token budget)."""
     size = auto_batch_size(
-        counts, fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs
-    )
+        counts, fan_out=models, request_tokens=request_tokens, request_inputs=request_inputs,
+        tokens_per_second=tokens_per_second,
+    )  # fmt: skip
     expected = plan_within_map_length(
         counts, batch_size=size, max_tokens=None, fan_out=models, max_map_length=10**6
     )
     plan = plan_for_mapping(
         counts, batch_size="auto", max_tokens=None, crossed=list(range(models)), max_map_length=10**6,
-        request_tokens=request_tokens, request_inputs=request_inputs,
+        request_tokens=request_tokens, request_inputs=request_inputs, tokens_per_second=tokens_per_second,
     )  # fmt: skip
     assert [{k: v for k, v in b.items() if k != "of"} for b in plan] == [b.as_dict() for b in expected]
 

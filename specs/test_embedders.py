@@ -25,6 +25,8 @@ from pipeline.embedders import (
     TransientEmbeddingError,
     UnknownModelError,
     get_embedder,
+    hashing,
+    model_version,
     validate_models,
 )
 from specs.strategies import OFFLINE_MODELS, nonblank_texts, whitespace
@@ -43,6 +45,17 @@ def test_the_defaults_are_the_offline_hashing_models() -> None:
 def test_an_embedder_carries_the_name_it_is_registered_under(model: str) -> None:
     """get_embedder(name).name is name: its errors name the model that was asked for."""
     assert get_embedder(model).name == model
+
+
+@pytest.mark.parametrize("model", OFFLINE_MODELS)
+def test_a_hashing_models_version_follows_the_hashing_version(model: str, monkeypatch) -> None:
+    """Bumping ``hashing.VERSION`` changes each hashing model's version (its stored vectors become stale, sync
+    re-embeds them); the two models never share a version."""
+    before = {m: model_version(m) for m in OFFLINE_MODELS}
+    monkeypatch.setattr(hashing, "VERSION", hashing.VERSION + "+bumped")
+    after = model_version(model)
+    assert after != before[model] and after.endswith("+bumped")
+    assert len(set(before.values())) == len(OFFLINE_MODELS)
 
 
 @given(offline, batches)

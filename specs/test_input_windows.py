@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -35,6 +37,7 @@ def covered(text: str, chunks, *, overlap: bool = False) -> bool:
     "CI 2026-11-27: the last chunk is a lone '.', which also occurs inside the first"
 )
 @example("jjjjjj jjjjjj jjjjjj jjjjjj.", 4, 13).via("CI 2026-11-27: two identical chunks, then a lone '.'")
+@example("jjjjjj jjjjjjjjjjjjjjjj", 4, 10).via("the last token alone does not fit: a chunk of its own")
 def test_a_chunk_that_does_not_fit_is_cut_to_fit_and_nothing_is_lost(text, max_tokens, max_chars) -> None:
     """With ``fits``, every chunk of more than one token fits, and every token still lands in a chunk."""
     chunks = chunk_text("d.txt", text, max_tokens=max_tokens, fits=lambda piece: len(piece) <= max_chars)
@@ -49,6 +52,13 @@ def test_chunks_that_fit_are_cut_exactly_as_without_a_window(text, max_tokens) -
     assert chunk_text("d.txt", text, max_tokens=max_tokens, fits=lambda _: True) == chunk_text(
         "d.txt", text, max_tokens=max_tokens
     )
+
+
+def test_minilm_reads_256_tokens_counted_by_its_own_tokenizer() -> None:
+    """MiniLM truncates past 256 WordPiece tokens: its window is 256, counted by its own tokenizer (not the regex)."""
+    from pipeline.embedders import minilm
+
+    assert input_window("minilm") == (256, minilm.count_tokens)
 
 
 def test_hashing_models_have_no_window_and_api_models_the_openai_limit() -> None:
@@ -88,3 +98,37 @@ def test_minilm_reads_every_chunk_whole_at_the_default_settings(tmp_path) -> Non
     }
     text = (corpus / "rare.txt").read_text()
     assert covered(text, [c for c in chunks if c.doc == "rare.txt"], overlap=True)
+
+
+@given(st.lists(rare_words, min_size=1, max_size=40), st.integers(10, 80))
+@example(["jjjjjj"] * 7, 20).via("three words fit (20 characters), a fourth would not")
+def test_without_natural_boundaries_a_chunk_cut_to_fit_is_the_longest_prefix_that_fits(
+    words, max_chars
+) -> None:
+    """In text without sentence or paragraph ends, a chunk cut to fit the window is the longest prefix of the
+    rest that fits: one more token would not."""
+    text = " ".join(words)
+    chunks = chunk_text("d.txt", text, max_tokens=len(words), fits=lambda piece: len(piece) <= max_chars)
+    for chunk, following in itertools.pairwise(chunks):
+        assert len(chunk.text) + 1 + len(following.text.split(" ")[0]) > max_chars
+
+
+@pytest.mark.parametrize(
+    ("text", "max_chars", "first"),
+    [
+        (
+            "aaaa bbbb\n\ncccc dddd eeee",
+            16,
+            "aaaa bbbb",
+        ),  # three tokens fit; the break after two is in their second half
+        ("aaaa\n\nbbbb cccc", 11, "aaaa"),  # two tokens fit, a break between them: one token
+        ("aaaa bbbb cccc dddd eeee", 16, "aaaa bbbb cccc"),  # no break: the longest prefix that fits
+    ],
+)
+def test_a_chunk_cut_to_fit_ends_at_a_paragraph_break_in_the_second_half_of_what_fits(
+    text: str, max_chars: int, first: str
+) -> None:
+    """A chunk cut to fit the window moves back to the last paragraph break within the longest prefix that fits
+    (as a chunk cut by max_tokens does), not past its first half; with no break it is that prefix."""
+    chunks = chunk_text("d.txt", text, max_tokens=10, fits=lambda piece: len(piece) <= max_chars)
+    assert chunks[0].text == first

@@ -48,6 +48,20 @@ def test_the_run_fails_exactly_when_nothing_succeeded_or_the_failed_share_is_abo
     assert (over_budget(summary, share) is not None) == must_fail
 
 
+@given(summaries(), st.integers(0, 40), shares)
+@example({"expected": 0, "failed": 0, "succeeded": 0, "failures": [], "failures_by_kind": {}}, 6, 0.5).via(
+    "a re-run that found every pair already stored embedded nothing: not a failure"
+)
+@example({"expected": 4, "failed": 2, "succeeded": 2, "failures": [], "failures_by_kind": {}}, 4, 0.25).via(
+    "2 of 4 attempted is over 0.25, though 2 of the 8 planned pairs would not be"
+)
+def test_the_failed_share_is_of_the_pairs_attempted_not_of_those_already_stored(summary, skipped, share):
+    """Skipped pairs (already in the store) count neither as attempted nor as failed: over_budget judges
+    failed / (expected - skipped), and a run that skipped every pair is within budget."""
+    with_skipped = summary | {"expected": summary["expected"] + skipped, "skipped": skipped}
+    assert over_budget(with_skipped, share) == over_budget(summary, share)
+
+
 @given(summaries().filter(lambda s: s["failed"]), shares)
 def test_the_reason_names_the_share_and_the_first_error_of_each_kind(summary, share):
     """The reason is one line with the failed share, the budget, and the first failure of every kind."""

@@ -144,3 +144,15 @@ def test_local_urls_get_the_folders_they_need(tmp_path, scheme: str) -> None:
     staging.write_text(f"{base}/reports/r.json", "{}")
     assert staging.read_chunks(ref)[0].text == "text" and staging.read_text(f"{base}/reports/r.json") == "{}"
     assert staging.read_vectors(f"{base}/runs/r/vectors/m/000001.npz")[0] == ["a#0:x"]
+
+
+def test_a_staged_mask_says_per_model_which_chunks_to_embed_and_no_mask_means_all(tmp_path) -> None:
+    """read_mask gives model j's column of the staged mask for chunks [start, stop); a set staged without a mask
+    (no sync) has every chunk to embed."""
+    chunks = [Chunk(chunk_id("a.txt", i, f"t {i}"), "a.txt", i, f"t {i}", 2) for i in range(4)]
+    ref = staging.write_chunk_set(str(tmp_path), chunks)
+    assert staging.read_mask(ref, 1, 4, "m") == [True, True, True]
+    mask = np.array([[True, False], [False, False], [True, True], [False, True]])
+    masked = staging.write_mask(ref, ["m", "n"], mask)
+    assert staging.read_mask(masked, 0, 4, "m") == [True, False, True, False]
+    assert staging.read_mask(masked, 1, 4, "n") == [False, True, True]

@@ -28,19 +28,22 @@ def vectors_for(indices: list[int], version: int) -> np.ndarray:
 
 
 class IdempotentUpserts(RuleBasedStateMachine):
-    """Runs upsert batches, re-upsert them, and partially re-run with failures: the store is always exactly the
-    union of the pairs that ever succeeded, without duplicates."""
+    """Runs upsert batches, re-upsert them, partially re-run with failures, delete and read back: the store is
+    always exactly the union of the pairs that succeeded and were not deleted since, without duplicates."""
 
     @initialize()
     def open_store(self) -> None:
         self.uri = tempfile.mkdtemp(prefix="store-spec-")
         self.stored: dict[str, set[str]] = {m: set() for m in MODELS}
+        self.latest: dict[str, dict[str, np.ndarray]] = {m: {} for m in MODELS}
         self.last: list[tuple[str, list[int], int]] = []
         self.version = 0
 
     def upsert(self, model: str, indices: list[int]) -> store.UpsertResult:
         self.version += 1
-        result = store.upsert(self.uri, model, [POOL[i] for i in indices], vectors_for(indices, self.version))
+        vectors = vectors_for(indices, self.version)
+        result = store.upsert(self.uri, model, [POOL[i] for i in indices], vectors)
+        self.latest[model] |= {POOL[i].id: v for i, v in zip(indices, vectors, strict=True)}
         ids = {POOL[i].id for i in indices}
         assert result.inserted == len(ids - self.stored[model])
         assert result.updated == len(ids & self.stored[model])
@@ -71,9 +74,29 @@ class IdempotentUpserts(RuleBasedStateMachine):
                 0, 0
             )
 
+    @rule(model=st.sampled_from(MODELS), indices=pair_subsets)
+    def delete_some_pairs(self, model: str, indices: list[int]) -> None:
+        """Deleting ids removes exactly the stored ones among them and says how many went; the others are no-ops."""
+        ids = {POOL[i].id for i in indices}
+        assert store.delete(self.uri, model, sorted(ids)) == len(ids & self.stored[model])
+        self.stored[model] -= ids
+        self.last = []  # the last batch may be partly gone: sending it again would insert
+
+    @rule(
+        model=st.sampled_from(MODELS),
+        indices=st.lists(st.sampled_from(range(len(POOL))), max_size=6, unique=True),
+    )
+    def read_the_vectors_of_some_ids(self, model: str, indices: list[int]) -> None:
+        """Reading ids gives the latest vector of each stored one and nothing for the others (never an error)."""
+        ids = [POOL[i].id for i in indices]
+        found = store.read_vectors(self.uri, model, ids)
+        assert set(found) == set(ids) & self.stored[model]
+        for i, vector in found.items():
+            np.testing.assert_array_equal(vector, self.latest[model][i])
+
     @invariant()
     def store_is_the_union_of_successful_pairs_without_duplicates(self) -> None:
-        """Per model, the ids in the table are exactly those ever upserted, each once."""
+        """Per model, the ids in the table are exactly those upserted and not deleted since, each once."""
         if not hasattr(self, "uri"):
             return
         for model in MODELS:
@@ -108,9 +131,65 @@ def test_the_latest_upsert_wins(tmp_path) -> None:
 
 
 def test_a_model_without_a_table_has_no_vectors(tmp_path) -> None:
-    """Counting or listing a model never written is 0 / empty, not an error."""
+    """Counting, listing, reading or deleting the ids of a model never written is 0 / empty, not an error."""
+    store.upsert(str(tmp_path), "other", POOL[:1], vectors_for([0], 1))
     assert store.count_vectors(str(tmp_path), ["nothing"]) == {"nothing": 0}
     assert store.read_ids(str(tmp_path), "nothing") == []
+    assert store.read_index(str(tmp_path), "nothing") == {}
+    assert store.read_vectors(str(tmp_path), "nothing", [POOL[0].id]) == {}
+    assert store.delete(str(tmp_path), "nothing", [POOL[0].id]) == 0
+
+
+def test_reading_or_deleting_in_a_store_that_does_not_exist_creates_none(tmp_path) -> None:
+    """Reading or deleting ids in a local store path that does not exist finds nothing and leaves no folder."""
+    uri = str(tmp_path / "no-store")
+    assert store.read_index(uri, "m") == {}
+    assert store.read_vectors(uri, "m", [POOL[0].id]) == {}
+    assert store.delete(uri, "m", [POOL[0].id]) == 0
+    assert not (tmp_path / "no-store").exists()
+
+
+@example([1, 2], [0, 3]).via("the ids asked are all absent from the table: no rows come back")
+@given(
+    st.lists(st.sampled_from(range(len(POOL))), min_size=1, max_size=6, unique=True),
+    st.lists(st.sampled_from(range(len(POOL))), min_size=1, max_size=6, unique=True),
+)
+@settings(max_examples=max(3, settings.default.max_examples // 5), deadline=None)
+def test_reading_vectors_gives_those_of_the_ids_present_and_skips_the_others(
+    stored: list[int], asked: list[int]
+) -> None:
+    """read_vectors returns exactly the stored ids among those asked, each with its vector; absent ids are skipped
+    (not an error), even when none of them is present."""
+    uri = tempfile.mkdtemp(prefix="store-spec-")
+    try:
+        store.upsert(uri, "m", [POOL[i] for i in stored], vectors_for(stored, 1))
+        found = store.read_vectors(uri, "m", [POOL[i].id for i in asked])
+        assert {i: v.tolist() for i, v in found.items()} == {
+            POOL[i].id: v.tolist() for i, v in zip(asked, vectors_for(asked, 1), strict=True) if i in stored
+        }
+    finally:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+@example("it's.txt").via("a quote inside an SQL string literal must be doubled")
+@example("''; DROP TABLE x; --.txt").via("an id is a value of the filter, never SQL")
+@given(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
+)
+@settings(max_examples=max(3, settings.default.max_examples // 5), deadline=None)
+def test_any_chunk_id_is_read_and_deleted_by_exactly_its_own_row(doc: str) -> None:
+    """Chunk ids come from file names: whatever characters they hold (quotes, %, _, backslashes), reading and
+    deleting by id hit exactly the rows of those ids."""
+    chunks = [Chunk(chunk_id(doc, i, f"text {i}"), doc, i, f"text {i}", 2) for i in range(2)] + POOL[:1]
+    uri = tempfile.mkdtemp(prefix="store-spec-")
+    try:
+        store.upsert(uri, "m", chunks, vectors_for([0, 1, 2], 1))
+        found = store.read_vectors(uri, "m", [chunks[0].id])
+        assert list(found) == [chunks[0].id] and found[chunks[0].id].tolist() == [0, 1, 1, -1]
+        assert store.delete(uri, "m", [chunks[0].id]) == 1
+        assert sorted(store.read_ids(uri, "m")) == sorted(c.id for c in chunks[1:])
+    finally:
+        shutil.rmtree(uri, ignore_errors=True)
 
 
 def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
@@ -178,3 +257,20 @@ def test_every_models_table_is_found_however_many_models_there_are(tmp_path) -> 
         store.upsert(uri, model, POOL[i : i + 1], vectors_for([i], 1), compact=False)
     assert store.count_vectors(uri, models) == dict.fromkeys(models, 1)
     assert [store.read_ids(uri, model) for model in models] == [[c.id] for c in POOL[:12]]
+
+
+def versions_added_by_deleting(uri: str, model: str, count: int) -> int:
+    """Table versions a ``store.delete`` of ``count`` of ``count + 1`` stored chunks commits (compaction included)."""
+    chunks = [Chunk(chunk_id("d.txt", i, f"t {i}"), "d.txt", i, f"t {i}", 2) for i in range(count + 1)]
+    store.upsert(uri, model, chunks, np.ones((count + 1, DIM), np.float32))
+    before = store.connect(uri).open_table(store.table_name(model)).version
+    assert store.delete(uri, model, [c.id for c in chunks[:count]]) == count
+    return store.connect(uri).open_table(store.table_name(model)).version - before
+
+
+@pytest.mark.parametrize(("count", "parts"), [(3, 1), (500, 1), (501, 2)])
+def test_a_delete_commits_once_per_part_of_500_ids_not_once_per_id(tmp_path, count: int, parts: int) -> None:
+    """Deleting ids commits one table version per part of up to 500 ids, as many as deleting one id does plus one
+    per further part: each commit is a manifest write (a conditional put on object storage)."""
+    one = versions_added_by_deleting(str(tmp_path), "one", 1)
+    assert versions_added_by_deleting(str(tmp_path), "many", count) == one + parts - 1
