@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.chunking import count_tokens
+from pipeline.embedders.ratelimit import texts_digest
 
 
 @dataclass
@@ -302,7 +303,7 @@ class Emulator:
         """The request log without texts (JSON-able); ``digest`` names a request's inputs (resends repeat it)."""
         with self._lock:
             return [{k: v for k, v in asdict(r).items() if k != "texts"}
-                    | {"digest": hashlib.sha256("\x1f".join(r.texts).encode()).hexdigest()[:16]}
+                    | {"digest": texts_digest(r.texts)}
                     for r in self.records]  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
