@@ -150,6 +150,10 @@ REQUEST_SECONDS = 0.5
 REQUESTS_PER_INSTANCE = math.ceil(TASK_INSTANCE_SECONDS / OVERHEAD_SHARE / REQUEST_SECONDS)  # 16
 # ... but never so few task instances that parallel slots idle: two per slot of the embedding pool's default.
 PARALLEL_INSTANCES = 2 * EMBED_POOL_DEFAULT_SLOTS  # 32
+# Splitting for slots pays only while task instances wait on a provider. A model computed by the worker's own
+# CPU (hashing; MiniLM, whose torch already uses every core) keeps a machine busy with one task instance: more
+# of them queue or compete for the same cores, and each adds its orchestration (MiniLM e2e, README).
+LOCAL_PARALLEL_INSTANCES = 1
 # Against a provider's token budget the budget, not the slots, sets the pace (one task instance with several
 # requests in flight fills it), while every task instance pays a start-up (a new process under LocalExecutor
 # or Celery: parse the DAG, load the client; ~0.5-2 s here) during which it sends nothing. So a task instance
@@ -164,14 +168,17 @@ def auto_batch_size(
     request_tokens: int,
     request_inputs: int,
     tokens_per_second: float | None = None,
+    parallel_instances: int = PARALLEL_INSTANCES,
 ) -> int:
     """``--batch-size auto``: chunks per task instance from the request caps and the cost of a task instance.
 
     With ``r`` = the chunks of one full request (``request_tokens`` / mean chunk tokens, at most
     ``request_inputs``), the size is ``min(16 r, max(spread, r))``: 16 full requests of work per task instance
-    (orchestration <= 5 %, see the constants above), but split further so that the run has at least 32 task
-    instances over all models (``spread`` = chunks / ceil(32 / fan_out)) for parallel slots to have work,
-    though never below one full request (splitting less than a request's worth buys nothing). With a
+    (orchestration <= 5 %, see the constants above), but split further so that the run has at least
+    ``parallel_instances`` task instances over all models (``spread`` = chunks / ceil(parallel_instances /
+    fan_out); 32 by default, 1 when every model is computed locally: :data:`LOCAL_PARALLEL_INSTANCES`) for
+    parallel slots to have work, though never below one full request (splitting less than a request's worth
+    buys nothing). With a
     provider's token budget (``tokens_per_second``, the slowest of the models'), a task instance also carries
     at least :data:`BUDGET_SECONDS_PER_INSTANCE` seconds of it. The plan may still grow the size to fit
     ``max_map_length`` (:func:`plan_within_map_length`).
@@ -181,7 +188,7 @@ def auto_batch_size(
         return 1
     mean = max(1.0, float(np.sum(np.asarray(token_counts, dtype=np.int64))) / n)
     per_request = max(1, min(request_inputs, int(request_tokens // mean)))
-    spread = math.ceil(n / math.ceil(PARALLEL_INSTANCES / max(1, fan_out)))
+    spread = math.ceil(n / math.ceil(max(1, parallel_instances) / max(1, fan_out)))
     size = min(REQUESTS_PER_INSTANCE * per_request, max(spread, per_request))
     if tokens_per_second:
         size = max(size, math.ceil(BUDGET_SECONDS_PER_INSTANCE * tokens_per_second / mean))
@@ -204,12 +211,14 @@ def plan_for_mapping(
     request_tokens: int = 8192,
     request_inputs: int = 2048,
     tokens_per_second: float | None = None,
+    parallel_instances: int = PARALLEL_INSTANCES,
 ) -> list[dict[str, int]]:
     """What ``map_batches``' planning task returns: one dict per batch, each with ``of`` (the number of batches).
 
     ``crossed`` is the list each batch is crossed with (e.g. the models), or ``None`` when nothing is crossed;
     the plan fits ``max_map_length`` with that fan-out (see :func:`plan_within_map_length`). ``batch_size``
-    may be ``"auto"`` (:func:`resolve_batch_size`, from the request caps).
+    may be ``"auto"`` (:func:`resolve_batch_size`, from the request caps, the token budget and the task
+    instances wanted for parallel slots).
     """
     fan_out = len(crossed) if crossed is not None else 1
     batches = plan_within_map_length(
@@ -221,6 +230,7 @@ def plan_for_mapping(
             request_tokens=request_tokens,
             request_inputs=request_inputs,
             tokens_per_second=tokens_per_second,
+            parallel_instances=parallel_instances,
         ),
         max_tokens=max_tokens,
         fan_out=fan_out,
@@ -240,6 +250,7 @@ def map_batches(
     request_tokens: int | XComArg = 8192,
     request_inputs: int | XComArg = 2048,
     tokens_per_second: float | None | XComArg = None,
+    parallel_instances: int | XComArg = PARALLEL_INSTANCES,
     plan_task_id: str = "plan_batches",
     **cross: Any,
 ) -> tuple[XComArg, XComArg]:
@@ -250,7 +261,7 @@ def map_batches(
     :mod:`pipeline.staging`); ``task`` receives ``batch=`` one planned batch dict. Keyword arguments in
     ``cross`` are expanded too, giving the cross product (e.g. ``model=models``). ``batch_size="auto"`` sizes
     batches from the request caps ``request_tokens`` / ``request_inputs`` and a provider's token budget
-    ``tokens_per_second`` (:func:`auto_batch_size`). Returns
+    ``tokens_per_second``, split for ``parallel_instances`` slots (:func:`auto_batch_size`). Returns
     ``(plan, results)``: the plan so that downstream tasks can reconcile results against it, and the mapped
     results.
     """
@@ -268,6 +279,7 @@ def map_batches(
         request_tokens: int,
         request_inputs: int,
         tokens_per_second: float | None,
+        parallel_instances: int,
     ) -> list[dict]:
         from pipeline.compat import fail_task, max_map_length
         from pipeline.staging import read_token_counts
@@ -283,11 +295,13 @@ def map_batches(
                 request_tokens=request_tokens,
                 request_inputs=request_inputs,
                 tokens_per_second=tokens_per_second,
+                parallel_instances=parallel_instances,
             )
         except PlanError as exc:  # the same data would fail again: no retries
             fail_task(str(exc))
 
     batches = plan(
-        items, batch_size, max_tokens, grow, fan_out, request_tokens, request_inputs, tokens_per_second
-    )
+        items, batch_size, max_tokens, grow, fan_out, request_tokens, request_inputs, tokens_per_second,
+        parallel_instances,
+    )  # fmt: skip
     return batches, task.expand(batch=batches, **cross)

@@ -20,8 +20,9 @@ class SettingsError(ValueError):
 GRANULARITIES = ("batch", "chunk")
 DERIVED = ("effective_batch_size", "batches_may_grow")
 # Facts of the environment the DAG adds next to the settings (ignored by from_params, like DERIVED):
-# the slowest token budget of the API models, tokens per second (pipeline.batching.auto_batch_size).
-FOUND = ("rate_tokens_per_second",)
+# the slowest token budget of the API models, tokens per second, and the task instances worth having for
+# parallel slots (both pipeline.batching.auto_batch_size).
+FOUND = ("rate_tokens_per_second", "parallel_instances")
 # "auto": batch_size chosen by the planner (pipeline.batching.auto_batch_size), request_concurrency by the
 # embedder (pipeline.dispatch.resolve_concurrency)
 AUTO = "auto"

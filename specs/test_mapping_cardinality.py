@@ -141,3 +141,24 @@ def test_cross_product_embeds_every_chunk_once_per_model(cross_run):
     assert cross_run["embeddings"] == cross_run["embeddings"] | {"expected": 10, "succeeded": 10, "failed": 0}
     assert {m: v["succeeded"] for m, v in cross_run["per_model"].items()} == dict.fromkeys(MODELS, 5)
     assert cross_run["store"]["per_model"] == dict.fromkeys(MODELS, 5)
+
+
+def test_auto_with_only_local_models_is_not_split_for_parallel_slots(run_dag):
+    """batch_size=auto with only models computed on the worker (hashing) plans batches of up to 16 requests,
+    not one per slot: 12 chunks in requests of 2 are one batch per model (split for 32 slots: 6 batches)."""
+    from pipeline.batching import LOCAL_PARALLEL_INSTANCES, PARALLEL_INSTANCES, auto_batch_size
+
+    corpus = corpus_of([60])  # 12 chunks of 5 tokens; a request of 10 tokens holds 2 of them
+    caps = {"fan_out": len(MODELS), "request_tokens": 10, "request_inputs": 2048}
+    local = auto_batch_size([CHUNK_TOKENS] * 12, **caps, parallel_instances=LOCAL_PARALLEL_INSTANCES)
+    assert (local, auto_batch_size([CHUNK_TOKENS] * 12, **caps, parallel_instances=PARALLEL_INSTANCES)) == (
+        12,
+        2,
+    )
+    report = run_dag(
+        corpus, granularity="batch", models=MODELS, chunk_tokens=CHUNK_TOKENS, chunk_overlap=0,
+        batch_size="auto", max_request_tokens=10,
+    )  # fmt: skip
+    assert report["chunks"] == 12
+    assert report["batches"]["sizes"] == [local]
+    assert_mapped_exactly(report, len(MODELS))

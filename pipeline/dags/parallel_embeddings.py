@@ -19,10 +19,10 @@ import re
 from datetime import datetime, timedelta
 
 from pipeline import EMBED_POOL, OBJECT_STORAGE_CONN_ID
-from pipeline.batching import map_batches
+from pipeline.batching import LOCAL_PARALLEL_INSTANCES, PARALLEL_INSTANCES, map_batches
 from pipeline.compat import Param, dag, fail_task, failure_of, get_current_context, set_map_label, task
 from pipeline.corpus import DEFAULT_MAX_DOCUMENT_BYTES
-from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS
+from pipeline.embedders import DEFAULT_MODELS, KNOWN_MODELS, runs_locally
 from pipeline.settings import ALIASES, GRANULARITIES, Settings
 
 # Registry names, or any OpenAI-compatible endpoint as openai:<model>[@<conn_id>].
@@ -127,9 +127,14 @@ def parallel_embeddings():
             check(settings)
         except PreflightError as exc:
             fail_task(str(exc))
-        # The API models' token budget sizes batch_size auto (a task instance carries seconds of it).
-        # 0.0, not None, without a budget: Airflow 3.0's execution API rejects an XCom whose value is None
-        return settings.as_dict() | {"rate_tokens_per_second": rate_tokens_per_second(settings.models) or 0.0}
+        # The API models' token budget sizes batch_size auto (a task instance carries seconds of it), and
+        # only they are worth splitting for parallel slots. 0.0, not None, without a budget: Airflow 3.0's
+        # execution API rejects an XCom whose value is None
+        local = all(runs_locally(m) for m in settings.models)
+        return settings.as_dict() | {
+            "rate_tokens_per_second": rate_tokens_per_second(settings.models) or 0.0,
+            "parallel_instances": LOCAL_PARALLEL_INSTANCES if local else PARALLEL_INSTANCES,
+        }
 
     @task
     def list_models(settings: dict) -> list[str]:
@@ -253,6 +258,7 @@ def parallel_embeddings():
         request_tokens=settings["max_request_tokens"],
         request_inputs=settings["max_request_inputs"],
         tokens_per_second=settings["rate_tokens_per_second"],
+        parallel_instances=settings["parallel_instances"],
         model=models,
     )
     summary = aggregate_results(settings, pending, plan, models, results)

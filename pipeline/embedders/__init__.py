@@ -33,6 +33,7 @@ __all__ = [
     "get_embedder",
     "input_window",
     "model_version",
+    "runs_locally",
     "validate_models",
 ]
 
@@ -70,6 +71,11 @@ def validate_models(names: Sequence[str]) -> list[str]:
     if not names:
         raise UnknownModelError(f"no model given; pass --models with some of: {_KNOWN}")
     return list(dict.fromkeys(names))
+
+
+def runs_locally(name: str) -> bool:
+    """Whether ``name`` is computed by the worker's own CPU (the registry's models), not by a provider."""
+    return name in _FACTORIES
 
 
 def get_embedder(name: str, work_dir: str | None = None) -> Embedder:
