@@ -57,7 +57,12 @@ def discover(
     wanted = tuple(e.lower() for e in extensions)
     documents: list[str] = []
     rejected: list[Rejected] = []
-    for current, dirnames, filenames in os.walk(root, onerror=None, followlinks=False):
+
+    def unlisted(exc: OSError) -> None:  # os.walk skips a directory it cannot list: say so, lose nothing
+        reason = f"unreadable directory: {exc.strerror or exc}; fix its permissions to embed its files"
+        rejected.append(Rejected(_rel(Path(exc.filename), root), reason))
+
+    for current, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=False):
         here = Path(current)
         dirnames.sort()
         for name in dirnames:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -284,6 +285,28 @@ def test_a_document_that_cannot_be_read_is_rejected_with_the_os_reason(tmp_path:
     """An OSError while reading becomes ``unreadable: <strerror>`` for that document, not a crash."""
     (tmp_path / "dir.txt").mkdir()  # reading a directory fails with EISDIR
     assert read_document(tmp_path, "dir.txt") == Rejected("dir.txt", "unreadable: Is a directory")
+
+
+def test_a_directory_the_process_may_not_list_is_rejected_not_silently_skipped(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A subdirectory that cannot be listed is rejected with the OS reason, its files not silently lost
+    (simulated: the specs run as root, who may list all)."""
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "locked" / "deeper").mkdir(parents=True)
+    (tmp_path / "locked" / "deeper" / "secret.txt").write_text("secret")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if Path(path).name == "locked":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = discover(tmp_path)
+    assert found.documents == ["ok.txt"]
+    reason = "unreadable directory: Permission denied; fix its permissions to embed its files"
+    assert found.rejected == [Rejected("locked", reason)]
 
 
 def test_files_the_process_may_not_read_are_rejected_as_permission_denied(
