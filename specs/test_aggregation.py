@@ -358,6 +358,21 @@ def test_a_models_width_is_known_from_any_result_that_ran_its_embedder_in_any_or
             assert summary["per_model"][model]["dim"] == (widths.pop() if widths else None), model
 
 
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_already_stored_batches_count_as_skipped_and_every_pair_still_ends_once(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
+    """A model's skipped total is the size of all its already-stored batches, and per model succeeded + failed
+    + skipped is still every chunk: each pair ends exactly once, however many batches were skipped."""
+    stored = data.draw(st.sets(st.sampled_from(range(len(run.results)))))
+    summary = run_summary(run, [already_stored(r) if i in stored else r for i, r in enumerate(run.results)])
+    for model, totals in summary["per_model"].items():
+        mine = [r for i, r in enumerate(run.results) if i in stored and r["model"] == model]
+        assert totals["skipped"] == sum(r["stop"] - r["start"] for r in mine), model
+        assert totals["succeeded"] + totals["failed"] + totals["skipped"] == len(run.chunk_ids), model
+    assert summary["succeeded"] + summary["failed"] + summary["skipped"] == summary["expected"]
+
+
 @given(synthetic_runs(min_chunks=1), st.integers(1, 6))
 def test_a_duplicate_error_names_the_first_three_duplicates_however_many(run: SyntheticRun, n: int) -> None:
     """Results delivered twice are named in the error, sorted, at most three of them (one short line)."""

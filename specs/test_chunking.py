@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.chunking import TOKEN, Chunk, chunk_id, chunk_text, count_tokens
+from pipeline.chunking import TOKEN, Chunk, chunk_id, chunk_text, count_tokens, text_hash
 from specs.strategies import paragraphs, plain_words, relpaths, sentences, texts, words
 
 max_tokens_ = st.integers(1, 40)
@@ -98,6 +98,14 @@ def test_an_id_is_path_ordinal_and_a_12_hex_digit_blake2b_of_the_utf8_text(
     and in any release: the store is keyed by it."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()
     assert chunk_id(doc, ordinal, text) == f"{doc}#{ordinal}:{digest}"
+
+
+@given(st.text())
+@example("Grüße, 世界.").via("non-ASCII text: the digest is of its UTF-8 bytes")
+def test_a_text_hash_is_the_32_hex_digit_blake2b_of_the_utf8_text(text: str) -> None:
+    """text_hash is BLAKE2b with a 16-byte digest of the UTF-8 text, in hex, the same on any machine and in any
+    release: sync compares it with the hashes stored by earlier runs (another digest re-embeds every pair)."""
+    assert text_hash(text) == hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 @given(st.lists(relpaths(), min_size=2, max_size=2, unique=True), words())

@@ -8,7 +8,9 @@ import os
 import string
 import subprocess
 import sys
+import tempfile
 import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -258,6 +260,28 @@ def test_openai_names_resolve_through_the_airflow_connection(monkeypatch, tmp_pa
     monkeypatch.setenv("AIRFLOW_CONN_EMB_OFFLINE", json.dumps(conn))
     embedder = get_embedder("openai:some-model@emb_offline", work_dir=str(tmp_path))
     assert (embedder.name, embedder.dim) == ("openai:some-model@emb_offline", 8)
+
+
+# Three offline connections (no request: dimensions is set), two of them serving the same width.
+WIDTHS = {"embedding_api": 8, "emb_offline": 8, "emb_wide": 16}
+
+
+@given(st.from_regex(r"[a-z][a-z0-9.-]{0,15}", fullmatch=True), st.sampled_from(sorted(WIDTHS)))
+@example("text-embedding-3-small", "embedding_api").via("no @<conn_id>: the default connection serves it")
+def test_an_openai_models_version_is_the_providers_model_and_width_whichever_connection_serves_it(
+    model: str, conn_id: str
+) -> None:
+    """The version of ``openai:<model>[@<conn_id>]`` is ``<model>@<dim>``: its stored vectors stay current when
+    another connection serves the same model and width, and become stale when the width changes."""
+    conns = {
+        f"AIRFLOW_CONN_{c.upper()}": json.dumps(
+            {"conn_type": "http", "host": "http://127.0.0.1:9", "password": "k", "extra": {"dimensions": dim}}
+        )
+        for c, dim in WIDTHS.items()
+    }
+    name = f"openai:{model}" if conn_id == "embedding_api" else f"openai:{model}@{conn_id}"
+    with mock.patch.dict(os.environ, conns), tempfile.TemporaryDirectory() as work_dir:
+        assert get_embedder(name, work_dir=work_dir).version == f"{model}@{WIDTHS[conn_id]}"
 
 
 def test_vectors_are_float32_whatever_the_encoder_returns() -> None:

@@ -148,6 +148,8 @@ FIXES: dict[str, tuple[Any, str]] = {
     "max_failed_share": (1.5, "must be between 0 and 1"),
     "object_storage_conn_id": ("", "name an Airflow connection"),
     "extensions": ((), "list at least one file extension, e.g. .txt"),
+    "cleanup": ("everything", "use one of none, incremental, full"),
+    "force_cleanup": ("yes", "expected true or false"),
 }
 
 
