@@ -97,7 +97,9 @@ def upsert(
         },
         schema=schema,
     )
-    table = connect(uri, storage_options).create_table(table_name(model), schema=schema, exist_ok=True)
+    db, name = connect(uri, storage_options), table_name(model)
+    # Not create_table(exist_ok=True): it checks an existing table against this schema and refuses the previous one.
+    table = db.open_table(name) if name in set(_list_tables(db)) else db.create_table(name, schema=schema)
     missing = {k: v for k, v in SYNC_COLUMNS.items() if k not in table.schema.names}
     if missing:  # a table of the previous schema: migrate in place; its rows stay, stale until re-embedded
         table.add_columns(missing)
