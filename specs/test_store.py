@@ -239,6 +239,15 @@ def test_a_table_of_the_previous_schema_is_migrated_in_place_and_its_old_rows_ar
         shutil.rmtree(uri, ignore_errors=True)
 
 
+def test_storage_options_reach_lancedb_and_a_bad_one_fails_the_upsert(tmp_path) -> None:
+    """The store hands its storage options to LanceDB as given, on local disk too: an option LanceDB refuses (an
+    unknown data storage version) fails the upsert with LanceDB's error naming it instead of being dropped."""
+    bad = {"new_table_data_storage_version": "no-such-version"}
+    with pytest.raises(ValueError, match="storage version: no-such-version"):
+        store.upsert(str(tmp_path), "m", POOL[:1], vectors_for([0], 1), storage_options=bad)
+    assert store.upsert(str(tmp_path), "m", POOL[:1], vectors_for([0], 1), storage_options={}).inserted == 1
+
+
 def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
     """Upserting n chunks with m != n vectors raises instead of misaligning ids and vectors."""
     with pytest.raises(ValueError, match="2 chunks but 1 vectors"):
