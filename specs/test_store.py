@@ -210,10 +210,7 @@ def previous_schema_rows(indices: list[int]) -> object:
 
 @example([0, 1], [1, 2]).via("one row of the old table is re-embedded, one stays as it was, one chunk is new")
 @example([0], [3]).via("no id in common: the old row stays untouched")
-@given(
-    st.lists(st.sampled_from(range(len(POOL))), min_size=1, max_size=4, unique=True),
-    st.lists(st.sampled_from(range(len(POOL))), min_size=1, max_size=4, unique=True),
-)
+@given(pair_subsets, pair_subsets)
 @settings(max_examples=max(3, settings.default.max_examples // 5), deadline=None)
 def test_a_table_of_the_previous_schema_is_migrated_in_place_and_its_old_rows_are_stale(
     old: list[int], new: list[int]
