@@ -97,17 +97,18 @@ def upsert(
         },
         schema=schema,
     )
-    table = connect(uri, storage_options).create_table(table_name(model), schema=schema, exist_ok=True)
+    db, name = connect(uri, storage_options), table_name(model)
+    # Not create_table(exist_ok=True): it checks an existing table against this schema and refuses the previous one.
+    table = db.open_table(name) if name in set(_list_tables(db)) else db.create_table(name, schema=schema)
     missing = {k: v for k, v in SYNC_COLUMNS.items() if k not in table.schema.names}
     if missing:  # a table of the previous schema: migrate in place; its rows stay, stale until re-embedded
         table.add_columns(missing)
     before = table.count_rows()
     result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
     inserted = table.count_rows() - before
-    updated = getattr(result, "num_updated_rows", len(chunks) - inserted)
     if compact:  # every update writes new fragments; compact and drop old versions so the store stays small
         table.optimize(cleanup_older_than=timedelta(hours=1))  # keep recent versions for concurrent readers
-    return UpsertResult(inserted, int(updated))
+    return UpsertResult(inserted, result.num_updated_rows)
 
 
 def count_vectors(uri: str, models: Sequence[str], storage_options: Options = None) -> dict[str, int]:
@@ -127,10 +128,7 @@ def read_ids(uri: str, model: str, storage_options: Options = None) -> list[str]
 
 
 def _list_tables(db: Any) -> list[str]:
-    if hasattr(db, "list_tables"):
-        listed = db.list_tables()
-        return list(getattr(listed, "tables", listed))
-    return list(db.table_names())
+    return list(db.list_tables().tables)  # lancedb >= 0.40 (pyproject): local and remote connections alike
 
 
 def _open(uri: str, model: str, storage_options: Options = None) -> Any | None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pipeline import store
-from pipeline.chunking import Chunk, chunk_id
+from pipeline.chunking import Chunk, chunk_id, text_hash
 
 MODELS = ("hash-words-256", "m/odd name")  # the second one needs table-name escaping
 DIM = 4
@@ -190,6 +190,59 @@ def test_any_chunk_id_is_read_and_deleted_by_exactly_its_own_row(doc: str) -> No
         assert sorted(store.read_ids(uri, "m")) == sorted(c.id for c in chunks[1:])
     finally:
         shutil.rmtree(uri, ignore_errors=True)
+
+
+def previous_schema_rows(indices: list[int]) -> object:
+    """The rows of ``POOL[indices]`` as the store wrote them before the sync columns (text hash, model version)."""
+    import pyarrow as pa
+
+    chunks, vectors = [POOL[i] for i in indices], vectors_for(indices, 0)
+    return pa.table(
+        {
+            "id": [c.id for c in chunks],
+            "doc": [c.doc for c in chunks],
+            "ordinal": pa.array([c.ordinal for c in chunks], pa.int32()),
+            "text": [c.text for c in chunks],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+        }
+    )
+
+
+@example([0, 1], [1, 2]).via("one row of the old table is re-embedded, one stays as it was, one chunk is new")
+@example([0], [3]).via("no id in common: the old row stays untouched")
+@given(pair_subsets, pair_subsets)
+@settings(max_examples=max(3, settings.default.max_examples // 5), deadline=None)
+def test_a_table_of_the_previous_schema_is_migrated_in_place_and_its_old_rows_are_stale(
+    old: list[int], new: list[int]
+) -> None:
+    """Upserting into a table written before the sync columns existed adds them in place: its rows stay (vectors
+    and all) with no text hash or version, i.e. stale until re-embedded, and the rows upserted now record theirs."""
+    uri = tempfile.mkdtemp(prefix="store-spec-")
+    try:
+        store.connect(uri).create_table(store.table_name("m"), previous_schema_rows(old))
+        result = store.upsert(uri, "m", [POOL[i] for i in new], vectors_for(new, 1), version="v1")
+        assert result == store.UpsertResult(len(set(new) - set(old)), len(set(new) & set(old)))
+        kept = [i for i in old if i not in new]
+        assert store.read_index(uri, "m") == {POOL[i].id: (None, None, POOL[i].doc) for i in kept} | {
+            POOL[i].id: (text_hash(POOL[i].text), "v1", POOL[i].doc) for i in new
+        }
+        found = store.read_vectors(uri, "m", [POOL[i].id for i in old + new])
+        assert {i: v.tolist() for i, v in found.items()} == {
+            POOL[i].id: v.tolist()
+            for indices, version in ((kept, 0), (new, 1))
+            for i, v in zip(indices, vectors_for(indices, version), strict=True)
+        }
+    finally:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+def test_storage_options_reach_lancedb_and_a_bad_one_fails_the_upsert(tmp_path) -> None:
+    """The store hands its storage options to LanceDB as given, on local disk too: an option LanceDB refuses (an
+    unknown data storage version) fails the upsert with LanceDB's error naming it instead of being dropped."""
+    bad = {"new_table_data_storage_version": "no-such-version"}
+    with pytest.raises(ValueError, match="storage version: no-such-version"):
+        store.upsert(str(tmp_path), "m", POOL[:1], vectors_for([0], 1), storage_options=bad)
+    assert store.upsert(str(tmp_path), "m", POOL[:1], vectors_for([0], 1), storage_options={}).inserted == 1
 
 
 def test_mismatched_chunks_and_vectors_are_refused(tmp_path) -> None:
