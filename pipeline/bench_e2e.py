@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,15 @@ def measure(model: str, sizes: list[int], work: Path) -> dict[str, Any]:
     for n in sorted(sizes):
         corpus_dir, documents, chunks = corpus_of(n, work, defaults.chunk_tokens, defaults.chunk_overlap)
         here = work / f"run-{n}"
+        shutil.rmtree(
+            here, ignore_errors=True
+        )  # a kept store (--work-dir reused) would make it an unchanged re-run
         conf = Settings(corpus_dir=corpus_dir, models=(model,), work_dir=str(here),
                         report_path=str(here / "report.json"), store_uri=str(here / "store")).as_dict()  # fmt: skip
         if not rows:  # warm-up: Airflow's machinery and the model's weights, on a small corpus
             warm_dir, _, _ = corpus_of(50, work, defaults.chunk_tokens, defaults.chunk_overlap)
             warm = work / "warm"
+            shutil.rmtree(warm, ignore_errors=True)
             run_dag(conf | {"corpus_dir": warm_dir, "work_dir": str(warm), "report_path": str(warm / "report.json"),
                             "store_uri": str(warm / "store")})  # fmt: skip
         raw = raw_seconds([c.text for c in chunks], model)
