@@ -415,3 +415,42 @@ def test_the_lost_pairs_of_a_model_that_could_not_run_fail_as_config_with_its_re
     listed = {tuple(f.values()) for f in summary["failures"] if f["kind"] != "rejected"}
     assert listed == expected
     assert summary["failures_by_kind"].get("config", 0) == len(run.chunk_ids)
+
+
+@given(synthetic_runs(min_chunks=1), st.data())
+def test_a_lost_batchs_already_stored_chunks_are_skipped_and_only_its_pending_ones_fail(
+    run: SyntheticRun, data: st.DataObject
+) -> None:
+    """When a task instance leaves no result, only the chunks its model still had to embed (``pending``) fail as
+    ``task_failed``; the others were already stored and count as skipped: each pair still ends exactly once."""
+    dropped = data.draw(st.sets(st.sampled_from(range(len(run.results)))))
+    pairs = [(c, m) for c in run.chunk_ids for m in run.models]
+    todo = dict(
+        zip(pairs, data.draw(st.lists(st.booleans(), min_size=len(pairs), max_size=len(pairs))), strict=True)
+    )
+
+    def pending(start: int, stop: int, model: str) -> list[bool]:
+        return [todo[(c, model)] for c in run.ids_of(start, stop)]
+
+    kept = [r for i, r in enumerate(run.results) if i not in dropped]
+    summary = reconcile(run.plan, run.models, kept, run.ids_of, None, pending)
+    lost = set().union(*(run.pairs_of(run.results[i]) for i in dropped))
+    task_failed = {(f["chunk_id"], f["model"]) for f in summary["failures"] if f["kind"] == "task_failed"}
+    assert task_failed == {p for p in lost if todo[p]}
+    for model, totals in summary["per_model"].items():
+        assert totals["skipped"] == sum(1 for c, m in lost if m == model and not todo[(c, m)]), model
+        assert totals["succeeded"] + totals["failed"] + totals["skipped"] == len(run.chunk_ids), model
+
+
+@given(synthetic_runs(min_chunks=1), st.sampled_from([-1, 1]))
+def test_a_pending_mask_that_does_not_cover_its_lost_batch_is_refused_not_truncated(
+    run: SyntheticRun, off: int
+) -> None:
+    """A ``pending`` mask one entry short of (or past) a lost batch's chunks raises instead of silently dropping
+    chunks (or counting ones that do not exist): no pair may end unaccounted for."""
+
+    def pending(start: int, stop: int, model: str) -> list[bool]:
+        return [True] * (stop - start + off)
+
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is (shorter|longer) than argument 1"):
+        reconcile(run.plan, run.models, run.results[1:], run.ids_of, None, pending)

@@ -156,3 +156,27 @@ def test_a_staged_mask_says_per_model_which_chunks_to_embed_and_no_mask_means_al
     masked = staging.write_mask(ref, ["m", "n"], mask)
     assert staging.read_mask(masked, 0, 4, "m") == [True, False, True, False]
     assert staging.read_mask(masked, 1, 4, "n") == [False, True, True]
+
+
+@pytest.mark.parametrize("scheme", LOCAL_SCHEMES)
+def test_vectors_and_texts_on_a_url_are_staged_through_the_connection_given(
+    monkeypatch, tmp_path, scheme
+) -> None:
+    """Vectors and text files written to (and read from) a URL go through the connection given (on object storage:
+    its keys), as chunk sets do: every path staging opens is an ObjectStoragePath of that connection."""
+    as_path, conn_ids = staging.as_path, []
+
+    def recording(uri: str, conn_id: str | None = None):
+        path = as_path(uri, conn_id)
+        conn_ids.append(path.serialize()["conn_id"])
+        return path
+
+    monkeypatch.setattr(staging, "as_path", recording)
+    base = f"{scheme}://{tmp_path}"
+    staging.write_vectors(
+        f"{base}/vectors/m/000001.npz", ["a#0:x"], np.eye(1, dtype=np.float32), "staging_conn"
+    )
+    assert staging.read_vectors(f"{base}/vectors/m/000001.npz", "staging_conn")[0] == ["a#0:x"]
+    staging.write_text(f"{base}/reports/r.json", "{}", "staging_conn")
+    assert staging.read_text(f"{base}/reports/r.json", "staging_conn") == "{}"
+    assert conn_ids == ["staging_conn"] * 4
