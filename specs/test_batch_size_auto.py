@@ -158,6 +158,7 @@ def test_the_auto_rule_keeps_overhead_within_five_percent_of_sixteen_requests() 
         (1258, 169, 2, 32, 79, 32),  # the sample corpus with API models: 32 task instances for the slots
         (1258, 169, 2, 1, 768, 4),  # ... with the hashing models (local): 16 requests of 48 chunks each
         (1001, 186, 1, 1, 704, 2),  # MiniLM e2e at 1,000 chunks: 2 task instances (22 when split for slots)
+        (5000, 186, 1, 32, 157, 32),  # 5,000 chunks x 1 API model: all 32 task instances are its
         (98_480, 170, 2, 32, 768, 258),  # the corpus: 16 requests of 48 chunks each (was refused)
         (5, 20, 2, 32, 409, 2),  # a handful of chunks: one task instance per model
     ],

@@ -29,6 +29,7 @@ from pipeline.embedders import (
     get_embedder,
     hashing,
     model_version,
+    runs_locally,
     validate_models,
 )
 from specs.strategies import OFFLINE_MODELS, nonblank_texts, whitespace
@@ -282,6 +283,16 @@ def test_an_openai_models_version_is_the_providers_model_and_width_whichever_con
     name = f"openai:{model}" if conn_id == "embedding_api" else f"openai:{model}@{conn_id}"
     with mock.patch.dict(os.environ, conns), tempfile.TemporaryDirectory() as work_dir:
         assert get_embedder(name, work_dir=work_dir).version == f"{model}@{WIDTHS[conn_id]}"
+
+
+@given(
+    st.sampled_from(KNOWN_MODELS)
+    | st.from_regex(r"openai:[a-z][a-z0-9.-]{0,15}(@[a-z_]{1,8})?", fullmatch=True)
+)
+def test_the_registrys_models_run_locally_and_api_models_do_not(name: str) -> None:
+    """runs_locally: the registry's models (hashing, MiniLM) are computed by the worker's CPU, an ``openai:``
+    model by its provider (batch_size auto splits only the latter's corpus for parallel slots)."""
+    assert runs_locally(name) == (not name.startswith("openai:"))
 
 
 def test_vectors_are_float32_whatever_the_encoder_returns() -> None:

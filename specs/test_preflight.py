@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sqlite3
 import textwrap
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from pipeline import preflight
 from pipeline.emulator import Emulator, EmulatorConfig
@@ -26,6 +30,7 @@ from pipeline.preflight import (
     check_model,
     check_writable,
     connection_id,
+    rate_tokens_per_second,
 )
 from pipeline.runner import EMBED_TASK, RunError
 from pipeline.settings import Settings
@@ -175,6 +180,47 @@ def test_a_complete_connection_passes_and_a_base_url_in_extra_stands_for_the_hos
     check_connection(
         "openai:m@mine", lookup(types.SimpleNamespace(host="http://127.0.0.1:9/v1", password="k"))
     )
+
+
+def api_connections(extras: dict[str, dict]) -> dict[str, str]:
+    """``AIRFLOW_CONN_<ID>`` variables of complete API connections with these extras (no network: never called)."""
+    return {
+        f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(
+            {"conn_type": "http", "host": "http://127.0.0.1:9/v1", "password": "k", "extra": extra}
+        )
+        for conn_id, extra in extras.items()
+    }
+
+
+@given(
+    st.lists(st.none() | st.integers(1, 10**7), min_size=1, max_size=3),
+    st.sampled_from([60.0, 1.0, 0.5]),
+)
+@example([None], 60.0).via("API models without a budget: none to size batches by")
+@example([1_000_000, 120_000], 60.0).via("two providers: the slower one paces the plan")
+def test_the_token_budget_that_sizes_batches_is_the_slowest_api_models(
+    budgets: list[int | None], window: float
+) -> None:
+    """rate_tokens_per_second: the smallest tokens_per_minute / rate_window_seconds over the API models'
+    connections; a registry model or a connection without a budget adds none, and with none at all it is None."""
+    extras = {
+        f"rate_{i}": {"rate_window_seconds": window} | ({"tokens_per_minute": b} if b else {})
+        for i, b in enumerate(budgets)
+    }
+    models = ["hash-words-256", *(f"openai:m@{conn_id}" for conn_id in extras)]
+    expected = [b / window for b in budgets if b]
+    with mock.patch.dict(os.environ, api_connections(extras)):
+        assert rate_tokens_per_second(models) == (min(expected) if expected else None)
+
+
+def test_a_connection_that_cannot_be_read_adds_no_token_budget(monkeypatch) -> None:
+    """A missing connection or an unreadable budget is not a budget (preflight's own check names the problem)."""
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_RATE_CONN", raising=False)
+    extras = {"rate_bad": {"tokens_per_minute": "many"}, "rate_ok": {"tokens_per_minute": 600}}
+    with mock.patch.dict(os.environ, api_connections(extras)):
+        models = ["openai:m@no_such_rate_conn", "openai:m@rate_bad", "openai:m@rate_ok"]
+        assert rate_tokens_per_second(models) == 10.0
+        assert rate_tokens_per_second(models[:2]) is None
 
 
 @pytest.mark.parametrize("how", ["airflow", "airflow-type-other-message", "secrets-backend-message"])
