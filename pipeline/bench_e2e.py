@@ -87,9 +87,8 @@ def measure(model: str, sizes: list[int], work: Path) -> dict[str, Any]:
     for n in sorted(sizes):
         corpus_dir, documents, chunks = corpus_of(n, work, defaults.chunk_tokens, defaults.chunk_overlap)
         here = work / f"run-{n}"
-        shutil.rmtree(
-            here, ignore_errors=True
-        )  # a kept store (--work-dir reused) would make it an unchanged re-run
+        # A kept store (--work-dir reused) would make the DAG an unchanged re-run that embeds nothing.
+        shutil.rmtree(here, ignore_errors=True)
         conf = Settings(corpus_dir=corpus_dir, models=(model,), work_dir=str(here),
                         report_path=str(here / "report.json"), store_uri=str(here / "store")).as_dict()  # fmt: skip
         if not rows:  # warm-up: Airflow's machinery and the model's weights, on a small corpus
