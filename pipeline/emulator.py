@@ -142,6 +142,7 @@ class Emulator:
         self.records: list[Record] = []
         self.violations: list[str] = []
         self.unauthorised = 0
+        self.in_flight = 0  # requests arrived and not yet answered (e.g. to act while a client is mid-call)
         self._served = 0  # well-formed authorised requests, for the schedule
         self._lock = threading.Lock()
         self._buckets: dict[str, Bucket] = {}
@@ -170,7 +171,14 @@ class Emulator:
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
-                self._send(*emulator._handle(self.path, dict(self.headers), self.rfile.read(length)))
+                with emulator._lock:
+                    emulator.in_flight += 1
+                try:
+                    answer = emulator._handle(self.path, dict(self.headers), self.rfile.read(length))
+                finally:
+                    with emulator._lock:
+                        emulator.in_flight -= 1
+                self._send(*answer)
 
             def _send(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
                 payload = json.dumps(body).encode()

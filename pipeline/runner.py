@@ -25,11 +25,12 @@ EMBED_TASK = "embed_batch"
 
 
 class RunError(RuntimeError):
-    """The run could not start or did not finish; the message says why, ``log`` where the tracebacks are."""
+    """The run could not start or did not finish; the message says why (one line), ``log`` where the tracebacks
+    are, ``detail`` where the run stood (printed last before the message: a truncated tail keeps it)."""
 
-    def __init__(self, message: str, log: str | None = None) -> None:
+    def __init__(self, message: str, log: str | None = None, detail: str = "") -> None:
         super().__init__(message)
-        self.log = log
+        self.log, self.detail = log, detail
 
 
 @contextlib.contextmanager
@@ -150,6 +151,7 @@ def task_instances(run_id: str, task_id: str | None = None) -> list[dict[str, An
                 "rendered_map_index": getattr(ti, "rendered_map_index", None),
                 "start_date": ti.start_date,
                 "end_date": ti.end_date,
+                "hostname": ti.hostname or "",
             }
             for ti in session.scalars(query.order_by(TaskInstance.task_id, TaskInstance.map_index))
         ]

@@ -46,7 +46,7 @@ def test_two_celery_workers_sharing_a_redis_budget_never_exceed_the_providers_li
                     options={"models": MODEL, "batch_size": 2}),
             env={"AIRFLOW_CONN_EMB_BUDGET": json.dumps(conn)},
         )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-6000:]
     report = json.loads((tmp_path / "report.json").read_text())
     records = sorted(emulator.records, key=lambda r: r.t)
     # Both workers drew from the budget at the same time (else one process's budget would be the whole story).

@@ -28,8 +28,9 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
     corpus = small_corpus(tmp_path / "corpus", documents=6)
     with Emulator(EmulatorConfig(api_key=key, dim=8, delay_seconds=3.0)) as server:
         conn = {"conn_type": "http", "host": server.base_url, "password": key, "extra": {"dimensions": 8}}
-        # Kill only once a request reached the endpoint: the instance is mid-call, not starting up.
-        killer = WorkerKiller(cluster_home, ready=lambda: bool(server.records))
+        # Kill only while a request waits at the endpoint: an instance is mid-call, not starting up or ending
+        # (records are written after the delay: waiting for one killed a try that had just succeeded).
+        killer = WorkerKiller(cluster_home, ready=lambda: server.in_flight > 0)
         run = run_cli(
             cluster_home,
             command(corpus, tmp_path, cluster_home, "--executor", "celery", "--workers", "2", "--timeout", "500",
@@ -40,7 +41,8 @@ def test_a_worker_killed_mid_task_loses_nothing_and_the_instance_runs_again(clus
             during=killer,
         )  # fmt: skip
     killed = killer.summary()
-    assert killed, f"no embed task instance was seen running on a worker (last: {killer.last_miss})"
+    assert killed, (f"no embed task instance was seen running on a worker (last: {killer.last_miss}); the run "
+                    f"exited {run.returncode}: {run.stderr[-3000:]}")  # fmt: skip
     scheduler_log = (cluster_home / "celery-mode" / "scheduler.log").read_text(errors="replace").splitlines()
     why = [
         line[:300]

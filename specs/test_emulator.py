@@ -89,6 +89,24 @@ def test_an_accepted_request_is_answered_after_base_plus_per_token_latency(base,
     assert expected <= elapsed < expected + 1.0
 
 
+def test_a_request_is_in_flight_from_its_arrival_until_its_answer_even_when_held_before_logging():
+    """``in_flight`` counts requests arrived and not answered, from arrival: a request held by ``delay_seconds``
+    is not in ``records`` yet but is in flight (what a spec waits for to act while a client is mid-call)."""
+    import threading
+
+    with Emulator(EmulatorConfig(api_key=KEY, dim=8, delay_seconds=0.6)) as emulator:
+        client = sdk(emulator)
+        call = threading.Thread(target=lambda: client.embeddings.create(model="m", input=["x"]))
+        call.start()
+        deadline = time.monotonic() + 5
+        while emulator.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (emulator.in_flight, len(emulator.records)) == (1, 0)
+        call.join()
+        client.close()
+    assert (emulator.in_flight, [r.status for r in emulator.records]) == (0, [200])
+
+
 def test_base64_encoding_returns_the_same_vectors_and_the_log_is_served_as_json():
     """The SDK's default base64 encoding decodes to the float vectors; GET /emulator/log lists the requests."""
     with Emulator(EmulatorConfig(api_key=KEY, dim=8)) as emulator:

@@ -142,3 +142,87 @@ def test_the_preload_settings_file_never_replaces_a_homes_own_airflow_local_sett
     assert install(tmp_path)
     path.write_text("# the user's own settings\n")
     assert not install(tmp_path) and path.read_text() == "# the user's own settings\n"
+
+
+def test_a_run_out_of_time_names_each_unfinished_instance_and_the_tail_of_its_log(run_dag, tmp_path):
+    """A launcher that times out first prints every unfinished task instance (state, try, worker, start) and
+    the last lines of its log file, at the path Airflow's own file task handler uses (a hang leaves no other
+    trace in CI)."""
+    from airflow.models import TaskInstance
+    from airflow.utils.log.file_task_handler import FileTaskHandler
+    from airflow.utils.session import create_session
+    from sqlalchemy import select, update
+
+    from pipeline.launchers.unfinished import task_log_name, unfinished
+
+    report = run_dag(
+        {"a.txt": "one two three four five six seven eight nine ten"}, models=("hash-words-256",)
+    )
+    run_id = report["dag_run"]["run_id"]
+    assert unfinished(run_id) == "unfinished task instances: 0"
+    where = (TaskInstance.run_id == run_id, TaskInstance.task_id == EMBED_TASK, TaskInstance.map_index == 0)
+    with create_session() as session:
+        session.execute(update(TaskInstance).where(*where).values(state="running", hostname="worker-9"))
+    with create_session() as session:
+        ti = session.scalars(select(TaskInstance).where(*where)).one()
+        name = task_log_name(run_id, EMBED_TASK, 0, ti.try_number)
+        assert name == FileTaskHandler(str(tmp_path))._render_filename(ti, ti.try_number)
+    from airflow.configuration import conf
+
+    log = Path(conf.get("logging", "base_log_folder")) / name
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(f"line {i}\n" for i in range(10)) + "waiting on the rate budget\n")
+    lines = unfinished(run_id, lines=2).splitlines()
+    assert lines[0] == "unfinished task instances: 1"
+    assert lines[1].split(" since ")[0] == f"  {EMBED_TASK}[0] running try {ti.try_number} on worker-9"
+    assert lines[2:] == ["    | line 9", "    | waiting on the rate budget"]
+
+
+def test_where_a_run_stood_is_said_after_the_process_logs_so_a_cut_tail_keeps_it(tmp_path):
+    """On an error, the launcher shows each process's log tail, then the error's ``detail`` (the unfinished task
+    instances), last before the one-line error: output cut to its tail still says which instance hung."""
+    import sys
+
+    from pipeline.launchers.airflow_run import supervised
+    from pipeline.launchers.processes import Processes
+    from pipeline.runner import RunError
+
+    said: list[str] = []
+    with (
+        pytest.raises(RunError, match="did not finish"),
+        supervised(Processes(tmp_path), said.append) as procs,
+    ):
+        procs.start("echo", [sys.executable, "-c", "print('from the process')"], env={})
+        procs.get("echo").popen.wait()
+        raise RunError("did not finish", detail="unfinished task instances: 1")
+    assert len(said) == 2 and "from the process" in said[0]
+    assert said[1] == "unfinished task instances: 1"
+    said.clear()
+    with pytest.raises(RunError), supervised(Processes(tmp_path), said.append):
+        raise RunError("no detail")
+    assert said == [""]  # the (empty) tails only
+
+
+def test_killing_a_session_leaves_nothing_even_when_its_leader_keeps_forking():
+    """kill_session SIGKILLs the session until it is empty: a leader forking children (a Celery worker filling
+    its pool as it is signalled) cannot leave one started after the listing."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.launchers.processes import kill_session, session_members
+
+    forker = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n    time.sleep(0.001)\n"  # fmt: skip
+    leader = subprocess.Popen([sys.executable, "-c", forker], start_new_session=True)
+    try:
+        while len(session_members(leader.pid)) < 20:
+            time.sleep(0.01)
+        killed = kill_session(leader.pid)
+        leader.wait(timeout=5)
+        assert len(killed) >= 20
+        import psutil
+
+        left = [p for p in session_members(leader.pid) if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert left == []
+    finally:
+        kill_session(leader.pid)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import DAG_ID
 from pipeline.launchers.processes import Processes, free_port
+from pipeline.launchers.unfinished import unfinished
 from pipeline.runner import EMBED_TASK, RunError, airflow_env, progress_line, task_span
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
@@ -132,8 +133,10 @@ def supervised(procs: Processes, say: Callable[[str], None]) -> Iterator[Process
     """Stop every process of ``procs`` when the block ends; on an error, first show the tails of their logs."""
     try:
         yield procs
-    except BaseException:
+    except BaseException as exc:
         say(procs.tails())
+        if getattr(exc, "detail", ""):
+            say(exc.detail)  # type: ignore[attr-defined]
         raise
     finally:
         procs.stop()
@@ -253,7 +256,8 @@ def wait_run(
         if time.monotonic() > deadline:
             raise RunError(
                 f"DAG run {run_id} did not finish within --timeout {timeout:g} s (state {state}); "
-                f"logs: {procs.log_dir}"
+                f"logs: {procs.log_dir}",
+                detail=unfinished(run_id),
             )
         time.sleep(1.0)
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kill_worker:
             from pipeline.launchers.recovery import WorkerKiller
 
-            killer = WorkerKiller(work / "home-celery", ready=lambda: bool(server and server.records))
+            killer = WorkerKiller(work / "home-celery", ready=lambda: bool(server and server.in_flight))
             rows.append(measure("celery", args.corpus, work, extra, env, kill=killer))
     finally:
         if server is not None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,31 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
-def kill_session(sid: int, sig: int = signal.SIGKILL) -> list[int]:
-    """Send ``sig`` to every process of session ``sid``; return their pids."""
-    members = session_members(sid)
-    for pid in members:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-    return members
+def kill_session(sid: int, sig: int = signal.SIGKILL, rounds: int = 20) -> list[int]:
+    """Send ``sig`` to every process of session ``sid``, again until none is left (SIGKILL; at most ``rounds``
+    times 50 ms); return their pids. One pass is not enough: a Celery worker signalled while it forks its pool
+    (or replaces a pool child that just died) starts a child after the listing, which outlives the kill."""
+    import psutil
+
+    killed: list[int] = []
+    for _ in range(rounds if sig == signal.SIGKILL else 1):
+        members = [pid for pid in session_members(sid) if _running(pid, psutil)]
+        if not members:
+            break
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        killed += [pid for pid in members if pid not in killed]
+        time.sleep(0.05)
+    return killed
+
+
+def _running(pid: int, psutil: Any) -> bool:
+    """Not yet dead (a zombie is dead: only its parent's wait is missing)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass

@@ -24,9 +24,10 @@ from pipeline import DAG_ID
 from pipeline.launchers.processes import kill_session
 from pipeline.runner import EMBED_TASK
 
+# The newest running instance: it has the most of its call left (the oldest may be reporting success as it dies).
 RUNNING_ON_A_WORKER = (
     "SELECT run_id, map_index, hostname, try_number FROM task_instance WHERE dag_id = %s AND task_id = %s "
-    "AND state = 'running' AND hostname LIKE 'worker-%%' AND map_index >= 0 ORDER BY start_date LIMIT 1"
+    "AND state = 'running' AND hostname LIKE 'worker-%%' AND map_index >= 0 ORDER BY start_date DESC LIMIT 1"
 )
 THE_INSTANCE = (
     "SELECT try_number, hostname, state, end_date FROM task_instance WHERE dag_id = %s AND run_id = %s "
