@@ -127,6 +127,8 @@ class RateBudget:
         self.token_unit = 1
         self.max_request_tokens = limits.max_tokens_per_request
         self._limiters: list[_Budget] = []
+        self._lock = threading.Lock()
+        self.wasted = 0  # permits taken and left unused: another client took the other budget's room first
         place = (redis_url, directory)
         if limits.requests_per_minute:
             self._limiters.append(_Budget("requests", limits.requests_per_minute, window_ms, key, place))
@@ -141,32 +143,35 @@ class RateBudget:
         returns each spent permit's stamp by kind (ms of the bucket's clock: the wall clock in SQLite and Redis,
         ``time.monotonic()`` in memory).
 
-        Permits cannot be returned, and a permit taken before blocking on the other budget would be stamped
-        earlier than the send. So: block on one budget, try the other without blocking; if it refuses, the
-        first permit is left unused (budgets only err on the safe side) and the refusing budget blocks next.
+        Permits cannot be returned, so one is taken only when every budget has room, looked at without
+        spending (:meth:`_Budget.room_in_ms`); both are then taken back to back, right before the send.
+        Taking one budget's permit while waiting for the other's (as before) let clients that each hold one
+        kind spend both budgets on permits none could use: four task processes on one Redis budget, every
+        permit of a window taken and none used, for minutes (a CI run; the permit log showed it). Another
+        client can still take the room between the look and the take: the permit already taken is then left
+        unused (budgets only err on the safe side; :attr:`wasted` counts them) and the look starts again.
         """
-        pending = list(self._limiters)
-        while len(pending) > 1:
-            first, second = pending[0], pending[1]
-            stamp = self._take(first, tokens, blocking=True)
-            if (other := self._take(second, tokens, blocking=False)) is not None:
-                return {first.kind: stamp, second.kind: other}
-            pending = [second, first]
-        return {pending[0].kind: self._take(pending[0], tokens, blocking=True)} if pending else {}
-
-    def _take(self, budget: _Budget, tokens: int, *, blocking: bool) -> int | None:
-        """The stamp of a permit for ``tokens``; None if refused when not ``blocking``."""
-        # weight 0 would pass pyrate-limiter unstamped (and unlimited): a request always costs one unit
-        weight = 1 if budget.kind == "requests" else max(1, math.ceil(tokens / budget.unit))
-        while True:
-            if (stamp := budget.try_once(weight)) is not None or not blocking:
-                return stamp
-            wait_ms = budget.wait_ms(weight)
-            if wait_ms < 0:  # only when the weight exceeds the whole budget, which plan_requests prevents
+        weights = [(budget, budget.weight(tokens)) for budget in self._limiters]
+        for budget, weight in weights:
+            if weight > budget.limit:  # plan_requests keeps requests within the budget: a bug if reached
                 raise RuntimeError(
                     f"a request of {tokens} tokens can never fit the rate limits {self.limits}"
                 )
-            time.sleep(wait_ms / 1000)
+        while True:
+            wait_ms = max((budget.room_in_ms(weight) for budget, weight in weights), default=0)
+            if wait_ms > 0:
+                time.sleep(wait_ms / 1000)
+                continue
+            stamps: dict[str, int] = {}
+            for budget, weight in weights:
+                if (stamp := budget.try_once(weight)) is None:
+                    break
+                stamps[budget.kind] = stamp
+            else:
+                return stamps
+            with self._lock:
+                self.wasted += len(stamps)
+            time.sleep(_ATTEMPT_MS / 10_000)  # lost a race: look again, not in a hot loop
 
     def close(self) -> None:
         for budget in self._limiters:
@@ -227,21 +232,20 @@ class _Budget:
             return None
         return self._stamped.stamp if granted else None
 
-    def wait_ms(self, weight: int) -> int:
-        """Milliseconds until ``weight`` may fit (the bucket's last refusal), -1 if it never can.
+    def weight(self, tokens: int) -> int:
+        """What one request of ``tokens`` costs here: one request, or its tokens in units (rounded up).
+        Weight 0 would pass pyrate-limiter unstamped (and unlimited): a request always costs one unit."""
+        return 1 if self.kind == "requests" else max(1, math.ceil(tokens / self.unit))
 
-        "Never" is decided here, from the limit: the bucket keeps only its *last* put's refusal, shared by this
-        process's threads, so what it says may be another thread's (read under the limiter's lock): none when
-        another put has succeeded since, or a wait already past (negative) when the entry it waited for has
-        expired. Either way: try again at once."""
-        from pyrate_limiter.limiter import combined_lock
-
-        if weight > self.limit:
-            return -1
-        with combined_lock(self.limiter.lock, blocking=True):
-            if self.bucket.failing_rate is None:
-                return 0
-            return max(0, self.bucket.waiting(self._item("embeddings", self.bucket.now(), weight)))
+    def room_in_ms(self, weight: int) -> int:
+        """Milliseconds until ``weight`` fits, 0 if it fits now; spends nothing. The entry whose expiry makes
+        room, and the wait, come from the bucket's own policy (the entry ``limit - weight`` from the newest
+        must have left the window), read with ``peek``: one query, in memory, SQLite or Redis alike."""
+        algorithm, rate = self.bucket._algorithm, self.bucket.rates[0]
+        offset = algorithm.blocking_offset(rate, weight)
+        entry = self.bucket.peek(offset) if offset is not None else None
+        blocking = entry.timestamp if entry is not None else None
+        return max(0, algorithm.retry_after(rate, self.bucket.now(), blocking))
 
 
 def texts_digest(texts: list[str] | tuple[str, ...]) -> str:
