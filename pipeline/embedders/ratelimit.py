@@ -147,7 +147,7 @@ class RateBudget:
         spending (:meth:`_Budget.room_in_ms`); both are then taken back to back, right before the send.
         Taking one budget's permit while waiting for the other's (as before) let clients that each hold one
         kind spend both budgets on permits none could use: four task processes on one Redis budget, every
-        permit of a window taken and none used, for minutes (a CI run; the permit log showed it). Another
+        permit of a window taken and none used, for minutes (a CI run; py-spy and the Redis buckets showed it). Another
         client can still take the room between the look and the take: the permit already taken is then left
         unused (budgets only err on the safe side; :attr:`wasted` counts them) and the look starts again.
         """
@@ -191,9 +191,9 @@ class _Budget:
 
     def __init__(self, kind: str, limit: int, window_ms: int, key: str,
                  place: tuple[str | None, str | None], unit: int = 1) -> None:  # fmt: skip
-        from pyrate_limiter import InMemoryBucket, Limiter, Rate, RateItem, RedisBucket, SQLiteBucket
+        from pyrate_limiter import InMemoryBucket, Limiter, Rate, RedisBucket, SQLiteBucket
 
-        self.kind, self.unit, self.limit, self._item = kind, unit, limit, RateItem
+        self.kind, self.unit, self.limit = kind, unit, limit
         rates = [Rate(limit, window_ms)]
         redis_url, directory = place
         name = f"{key}-{kind}-{window_ms}ms"  # a changed window never inherits entries counted under another
