@@ -226,3 +226,38 @@ def test_killing_a_session_leaves_nothing_even_when_its_leader_keeps_forking():
         assert left == []
     finally:
         kill_session(leader.pid)
+
+
+def test_a_sigterm_while_a_process_starts_is_raised_once_it_is_registered_so_it_is_stopped(
+    tmp_path, monkeypatch
+):
+    """SIGTERM arriving while a supervised process starts (here: right after its fork and exec) interrupts the
+    command only once the process is registered, so stopping the command stops it too (a Celery worker
+    started in that window outlived the command in CI)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipeline.launchers.processes import Processes, sigterm_as_interrupt
+
+    real = subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        os.kill(
+            os.getpid(), signal.SIGTERM
+        )  # Python runs the handler at once: inside start, before the append
+        return proc
+
+    procs = Processes(tmp_path)
+    monkeypatch.setattr(subprocess, "Popen", popen_then_sigterm)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+    monkeypatch.undo()
+    assert [p.name for p in procs.procs] == ["sleeper"]
+    pid = procs.procs[0].popen.pid
+    procs.stop(grace=5)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

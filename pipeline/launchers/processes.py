@@ -111,19 +111,22 @@ class Processes:
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        with open(log, "wb") as out:  # this run's log only (readiness is read from it)
+        # A SIGTERM or Ctrl-C while Popen waits for the exec (or before the append) would raise out of here
+        # with the child running and never registered, so never stopped: a Celery worker outlived the command
+        # in CI. Such a signal is held until the process is registered, then raised.
+        with interrupts_deferred(), open(log, "wb") as out:  # this run's log only (readiness is read from it)
             proc = subprocess.Popen(
                 list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 start_new_session=True,  # own session: Ctrl-C reaches us only, and we can find its tree
                 **popen,
             )  # fmt: skip
+            supervised = Supervised(name, proc, log, required, stop_signal, whole_session)
+            self.procs.append(supervised)
+            self.seen.add(proc.pid)
         if stdin is not None:
             assert proc.stdin is not None
             _write_and_close(proc.stdin, stdin)
-        supervised = Supervised(name, proc, log, required, stop_signal, whole_session)
-        self.procs.append(supervised)
-        self.seen.add(proc.pid)
         return supervised
 
     def get(self, name: str) -> Supervised:
@@ -185,6 +188,30 @@ def _write_and_close(pipe: IO[bytes], text: str) -> None:
         pipe.write(text.encode())
     with contextlib.suppress(BrokenPipeError):
         pipe.close()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT that arrive in the block; when it ends, hand the first to its own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    kinds = (signal.SIGTERM, signal.SIGINT)
+    previous = {
+        kind: signal.signal(kind, lambda signum, frame: pending.append((signum, frame))) for kind in kinds
+    }
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        for signum, frame in pending[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
